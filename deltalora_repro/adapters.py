@@ -1,0 +1,248 @@
+"""Low-rank adapters on Wq and Wv, shared by LoRA, Delta-LoRA and DyLoRA.
+
+Written by hand rather than taken from PEFT because the paper's setting needs three things PEFT's
+LoRA does not do: (1) GPT-2's fused `c_attn` gets separate rank-r factors on its q and v column
+slices with k untouched (PEFT adapts q, k and v with one shared A); (2) Delta-LoRA updates the
+frozen W in place from the factors' change, which needs direct access to W's q/v slices;
+(3) DyLoRA's per-step rank. Keeping LoRA and Delta-LoRA on one module also makes their cost
+comparison exact: Delta-LoRA is LoRA plus one update call per optimizer step.
+
+Notation (PROTOCOL.md §1): W is out x in, A is r x in, B is out x r, s = alpha / r,
+h = W x + s * B A x.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .errors import ConfigError
+
+# Where Wq and Wv live in each supported architecture: (module-name suffix, which projection,
+# output-column slice as (index, parts) of a fused projection or None for a plain one).
+_FAMILY_TARGETS: dict[str, list[tuple[str, str, tuple[int, int] | None]]] = {
+    "roberta": [("attention.self.query", "q", None), ("attention.self.value", "v", None)],
+    "bert": [("attention.self.query", "q", None), ("attention.self.value", "v", None)],
+    # GPT-2 fuses q, k, v into one Conv1D of 3*hidden output columns: q first, v last.
+    "gpt2": [("attn.c_attn", "q", (0, 3)), ("attn.c_attn", "v", (2, 3))],
+    "llama": [("self_attn.q_proj", "q", None), ("self_attn.v_proj", "v", None)],
+    # BART: encoder self-, decoder self- and cross-attention all match these suffixes.
+    "bart": [
+        ("self_attn.q_proj", "q", None), ("self_attn.v_proj", "v", None),
+        ("encoder_attn.q_proj", "q", None), ("encoder_attn.v_proj", "v", None),
+    ],
+}
+
+
+@dataclass(frozen=True)
+class Site:
+    """One adapted weight: a module and the output columns of it that are Wq or Wv."""
+
+    module_name: str
+    proj: str  # "q" or "v"
+    start: int
+    stop: int
+
+
+def family_of(model: nn.Module) -> str:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in _FAMILY_TARGETS:
+        raise ConfigError(
+            f"no Wq/Wv map for model_type {model_type!r}; supported: {sorted(_FAMILY_TARGETS)}"
+        )
+    return model_type
+
+
+def _out_features(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, Conv1D):
+        return module.nf
+    raise ConfigError(f"cannot adapt a {type(module).__name__}: only Linear and Conv1D")
+
+
+def find_sites(model: nn.Module) -> list[Site]:
+    """Every Wq and Wv of every attention block, in module order."""
+    sites = []
+    for name, module in model.named_modules():
+        for suffix, proj, part in _FAMILY_TARGETS[family_of(model)]:
+            if not re.search(rf"(^|\.){re.escape(suffix)}$", name):
+                continue
+            out = _out_features(module)
+            if part is None:
+                sites.append(Site(name, proj, 0, out))
+            else:
+                index, parts = part
+                width = out // parts
+                sites.append(Site(name, proj, index * width, (index + 1) * width))
+    if not sites:
+        raise ConfigError(f"found no Wq/Wv modules in {type(model).__name__}")
+    return sites
+
+
+def weight_slice(module: nn.Module, site: Site) -> torch.Tensor:
+    """A view of the site's weight in (out, in) orientation (Conv1D stores (in, out))."""
+    base = module.base if isinstance(module, LoRALayer) else module
+    if isinstance(base, Conv1D):
+        return base.weight[:, site.start:site.stop].t()
+    return base.weight[site.start:site.stop]
+
+
+class LoRALayer(nn.Module):
+    """A Linear or Conv1D plus rank-r branches on some of its output-column slices.
+
+    The branch input is `dropout(x)`; Delta-LoRA sets the dropout to 0 (Sec. 4.2) so that the
+    gradient the factors see equals the gradient W would see.
+    """
+
+    def __init__(self, base: nn.Module, slices: list[tuple[int, int]], rank: int, alpha: float,
+                 dropout: float):
+        super().__init__()
+        self.base = base
+        self.slices = slices
+        self.rank = rank
+        self.alpha = alpha
+        self.scaling = alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        in_features = base.in_features if isinstance(base, nn.Linear) else base.weight.shape[0]
+        w = base.weight
+        self.lora_A = nn.ParameterList(
+            nn.Parameter(torch.empty(rank, in_features, device=w.device, dtype=torch.float32))
+            for _ in slices
+        )
+        self.lora_B = nn.ParameterList(
+            nn.Parameter(torch.zeros(stop - start, rank, device=w.device, dtype=torch.float32))
+            for start, stop in slices
+        )
+        for a in self.lora_A:
+            # Kaiming-uniform A, zero B: the adapted model starts equal to the pretrained one.
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        # DyLoRA sets these; plain LoRA keeps the full rank.
+        self.active_rank: int = rank
+        self.frozen_lower_ranks = False
+
+    def factors(self, i: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A, B, scaling) of slice i at the active rank (DyLoRA truncates; scaling alpha/b)."""
+        a, b, rank = self.lora_A[i], self.lora_B[i], self.active_rank
+        if rank == self.rank:
+            return a, b, self.scaling
+        a, b = a[:rank], b[:, :rank]
+        if self.frozen_lower_ranks and rank > 1:
+            # DyLoRA's frozen mode: only the b-th row of A and column of B learn this step.
+            a = torch.cat([a[:-1].detach(), a[-1:]], 0)
+            b = torch.cat([b[:, :-1].detach(), b[:, -1:]], 1)
+        return a, b, self.alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        xd = self.dropout(x)
+        for i, (start, stop) in enumerate(self.slices):
+            a, b, scaling = self.factors(i)
+            delta = (xd @ a.t().to(xd.dtype)) @ b.t().to(xd.dtype)
+            delta = delta * scaling
+            if start == 0 and stop == out.shape[-1]:
+                out = out + delta
+            else:
+                # In place on a slice of the base output: no copy of the other columns.
+                out[..., start:stop] += delta
+        return out
+
+    def merged_weight_delta(self, i: int) -> torch.Tensor:
+        """s * B A for slice i in (out, in) orientation, at full rank."""
+        return self.scaling * (self.lora_B[i] @ self.lora_A[i])
+
+
+def inject_lora(model: nn.Module, rank: int, alpha: float, dropout: float) -> list[tuple[LoRALayer, int, Site]]:
+    """Wrap every Wq/Wv module; return (layer, slice index, site) for each adapted slice."""
+    if rank <= 0:
+        raise ConfigError(f"method.rank must be a positive integer, got {rank}")
+    if not 0 <= dropout < 1:
+        raise ConfigError(f"method.lora_dropout must be in [0, 1), got {dropout}")
+    by_module: dict[str, list[Site]] = {}
+    for site in find_sites(model):
+        by_module.setdefault(site.module_name, []).append(site)
+    out = []
+    for name, sites in by_module.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = LoRALayer(getattr(parent, child), [(s.start, s.stop) for s in sites], rank, alpha,
+                          dropout)
+        setattr(parent, child, layer)
+        out.extend((layer, i, site) for i, site in enumerate(sites))
+    return out
+
+
+def lora_layers(model: nn.Module) -> list[LoRALayer]:
+    return [m for m in model.modules() if isinstance(m, LoRALayer)]
+
+
+class DeltaUpdater:
+    """Algorithm 1, line "W <- W + lambda * s * (B_{t+1} A_{t+1} - B_t A_t)", for all sites at once.
+
+    The delta has rank <= 2r: B1 A1 - B0 A0 = [B1, -B0] @ [A1; A0], so each W slice gets one
+    in-place rank-2r GEMM (addmm_) and nothing of W's size is ever allocated. The only extra state
+    is a copy of the factors as they were after the previous optimizer step (adapter-sized).
+    Everything stays on the device: no host synchronisation, so the call can sit inside a
+    captured or compiled step.
+    """
+
+    def __init__(self, layers: list[tuple[LoRALayer, int, Site]], update_ratio: float,
+                 start_steps: int):
+        if update_ratio < 0:
+            raise ConfigError(f"method.update_ratio (lambda) must be >= 0, got {update_ratio}")
+        if start_steps < 0:
+            raise ConfigError(f"method.start_steps (K) must be >= 0, got {start_steps}")
+        self.update_ratio = float(update_ratio)
+        self.start_steps = int(start_steps)
+        self.entries = []
+        for layer, i, site in layers:
+            w = weight_slice(layer, site)
+            if w.dtype != torch.float32:
+                raise ConfigError(
+                    f"Delta-LoRA needs W in float32 (got {w.dtype} at {site.module_name}); "
+                    "train in bf16 through autocast (train.precision=bf16), not by casting the model"
+                )
+            conv = isinstance(layer.base, Conv1D)
+            self.entries.append((layer, i, layer.base.weight, site, conv))
+        self.prev_a = [layer.lora_A[i].detach().clone() for layer, i, *_ in self.entries]
+        self.prev_b = [layer.lora_B[i].detach().clone() for layer, i, *_ in self.entries]
+
+    def current(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return ([layer.lora_A[i].detach() for layer, i, *_ in self.entries],
+                [layer.lora_B[i].detach() for layer, i, *_ in self.entries])
+
+    @torch.no_grad()
+    def step(self, optimizer_step: int) -> None:
+        """Call after optimizer step number `optimizer_step` (1-based) has updated A and B.
+
+        The update applies when optimizer_step > K; with K = 0 it applies from the first step and
+        the updates telescope to W_T - W_0 = lambda * s * B_T A_T.
+        """
+        cur_a, cur_b = self.current()
+        if optimizer_step > self.start_steps and self.update_ratio != 0.0:
+            for (layer, _, weight, site, conv), a1, b1, a0, b0 in zip(
+                    self.entries, cur_a, cur_b, self.prev_a, self.prev_b):
+                coef = self.update_ratio * layer.scaling
+                left = torch.cat([b1, -b0], 1)      # out x 2r
+                right = torch.cat([a1, a0], 0)      # 2r x in
+                if conv:  # Conv1D stores W transposed: update W[:, cols] with right^T @ left^T
+                    weight[:, site.start:site.stop].addmm_(right.t(), left.t(), alpha=coef)
+                else:
+                    weight[site.start:site.stop].addmm_(left, right, alpha=coef)
+        torch._foreach_copy_(self.prev_a, cur_a)
+        torch._foreach_copy_(self.prev_b, cur_b)
+
+    def state_dict(self) -> dict:
+        return {"prev_a": [t.cpu() for t in self.prev_a], "prev_b": [t.cpu() for t in self.prev_b]}
+
+    def load_state_dict(self, state: dict) -> None:
+        torch._foreach_copy_(self.prev_a, [t.to(p.device) for t, p in zip(state["prev_a"], self.prev_a)])
+        torch._foreach_copy_(self.prev_b, [t.to(p.device) for t, p in zip(state["prev_b"], self.prev_b)])
+
+    def numel_updated(self) -> int:
+        return sum((site.stop - site.start) * layer.lora_A[i].shape[1]
+                   for layer, i, _, site, _ in self.entries)

@@ -1,0 +1,86 @@
+"""The small interface every fine-tuning method implements, and the registry of methods.
+
+The training loop calls only these hooks; per-method behaviour lives here, never in the loop.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+
+class Method:
+    """One fine-tuning method. Subclasses override the hooks they need."""
+
+    name = ""
+
+    def __init__(self, cfg: Any, total_steps: int):
+        self.cfg = cfg
+        self.total_steps = total_steps
+
+    # -- building -------------------------------------------------------------------------------
+    def apply(self, model: nn.Module, head_names: list[str]) -> nn.Module:
+        """Freeze/unfreeze parameters and insert modules; return the model to train."""
+        raise NotImplementedError
+
+    # -- around each optimizer step ---------------------------------------------------------------
+    def on_step_start(self, step: int) -> None:
+        """Before the first micro-batch of optimizer step `step` (0-based)."""
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """A term added to whatever loss the task computes (AdaLoRA's orthogonal regulariser)."""
+        return None
+
+    def after_optimizer_step(self, step: int) -> None:
+        """After optimizer step number `step` (1-based) and before gradients are cleared."""
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+    def extra_updated(self) -> int:
+        """Elements of frozen (gradient-free) weights the method changes, e.g. Delta-LoRA's W."""
+        return 0
+
+    def trainable_numel(self, model: nn.Module) -> int:
+        """Elements that receive gradient updates (a method may train only part of a tensor)."""
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    def changed_base_params(self, model: nn.Module) -> list[str]:
+        """Names of pretrained parameters whose values change in training (saved with the run)."""
+        return []
+
+    def eval_settings(self) -> list[tuple[str, Callable[[], None]]]:
+        """Named model settings to evaluate under; the first is the one reported."""
+        return [("", lambda: None)]
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(name: str):
+    def deco(cls: type[Method]) -> type[Method]:
+        if name in METHODS:
+            raise RuntimeError(f"method {name!r} registered twice")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+    return deco
+
+
+def build_method(cfg: Any, total_steps: int) -> Method:
+    if cfg.name not in METHODS:
+        raise ConfigError(f"unknown method {cfg.name!r}; valid: {sorted(METHODS)}")
+    return METHODS[cfg.name](cfg, total_steps)
+
+
+def set_trainable(model: nn.Module, names: set[str] | None = None, prefixes: list[str] = ()) -> None:
+    """requires_grad = True exactly for the named parameters and those under the prefixes."""
+    for n, p in model.named_parameters():
+        p.requires_grad_((names is not None and n in names) or any(n.startswith(x) for x in prefixes))

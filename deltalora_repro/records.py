@@ -1,0 +1,79 @@
+"""One JSON record per run, with the provenance that makes every number traceable."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import secrets
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SCHEMA = 1
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "hydra-core", "omegaconf",
+            "tokenizers", "safetensors", "numpy", "scipy", "scikit-learn", "sacrebleu",
+            "rouge-score", "nltk", "evaluate", "deltalora-repro")
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def git_state(root: Path = PROJECT_ROOT) -> dict:
+    """Commit and dirty flag of the checkout the code runs from (None outside a git checkout)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": dirty}
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    if torch.cuda.is_available():
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+def machine(device: torch.device) -> dict:
+    info = {"hostname": platform.node(), "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "device": device.type}
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def command_line() -> str:
+    return " ".join([Path(sys.executable).name, "-m", "deltalora_repro", *sys.argv[1:]])
+
+
+def write_json_atomic(path: Path, obj: dict, overwrite: bool = False) -> None:
+    """Write via a temporary file and rename; refuse to replace an existing file unless asked."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; records are never overwritten")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=False, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def record_path(results_dir: Path, task: str, model: str, method: str, run_id: str) -> Path:
+    return results_dir / "records" / task / model / method / f"{run_id}.json"

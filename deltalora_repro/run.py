@@ -1,0 +1,177 @@
+"""run(cfg) -> record: validate, build, train, evaluate, save, and write the run record.
+
+Called by the command line (`python -m deltalora_repro ...`) and directly by tests and sweeps.
+"""
+from __future__ import annotations
+
+import logging
+import resource
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+from . import records
+from .errors import ConfigError, DataError
+from .methods import METHODS, build_method
+from .models import head_prefixes, load_backbone
+from .tasks.base import build_task
+from .train import Trainer, save_checkpoint, total_steps
+
+log = logging.getLogger(__name__)
+
+
+def validate(cfg: Any) -> None:
+    """Every check that can fail on the config alone, before anything is loaded."""
+    m, t = cfg.method, cfg.train
+    if m.name not in METHODS:
+        raise ConfigError(f"unknown method {m.name!r}; valid: {sorted(METHODS)}")
+    checks = [
+        ("method.rank", m.get("rank", 1), lambda v: isinstance(v, int) and v > 0, "a positive integer"),
+        ("method.alpha", m.get("alpha", 1), lambda v: v > 0, "> 0"),
+        ("method.lora_dropout", m.get("lora_dropout", 0.0), lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("method.update_ratio", m.get("update_ratio", 0.0), lambda v: v >= 0, ">= 0"),
+        ("method.start_steps", m.get("start_steps", 0), lambda v: isinstance(v, int) and v >= 0,
+         "an integer >= 0"),
+        ("train.lr", t.lr, lambda v: v > 0, "> 0"),
+        ("train.batch_size", t.batch_size, lambda v: isinstance(v, int) and v > 0, "a positive integer"),
+        ("train.grad_accum", t.grad_accum, lambda v: isinstance(v, int) and v > 0, "a positive integer"),
+        ("train.epochs", t.epochs, lambda v: isinstance(v, int) and v > 0, "a positive integer"),
+        ("train.weight_decay", t.weight_decay, lambda v: v >= 0, ">= 0"),
+        ("train.precision", t.precision, lambda v: v in ("fp32", "bf16", "auto"), "fp32, bf16 or auto"),
+        ("device", cfg.device, lambda v: v == "auto" or v == "cpu" or str(v).startswith("cuda"),
+         "auto, cpu or cuda[:N]"),
+    ]
+    if m.name == "adalora":
+        checks.append(("method.target_rank", m.target_rank,
+                       lambda v: isinstance(v, int) and 0 < v <= m.rank, f"in 1..{m.rank}"))
+    for key, value, ok, want in checks:
+        try:
+            good = ok(value)
+        except TypeError:
+            good = False
+        if not good:
+            raise ConfigError(f"{key} must be {want}, got {value!r}")
+    if t.max_steps is not None and t.max_steps <= 0:
+        raise ConfigError(f"train.max_steps must be a positive integer or null, got {t.max_steps}")
+    if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
+        raise ConfigError(f"data_dir {cfg.data_dir!r} is not a directory")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but no CUDA device is available; use device=cpu")
+    return torch.device(name)
+
+
+def save_weights(model, method, path: Path) -> list[str]:
+    """Only what differs from the pretrained model: trained tensors and changed base tensors."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    names |= set(method.changed_base_params(model))
+    params = dict(model.named_parameters())
+    tensors = {n: params[n].detach().contiguous().cpu() for n in sorted(names)}
+    save_file(tensors, str(path), metadata={"method": method.name})
+    return sorted(names)
+
+
+def peak_memory(device: torch.device) -> dict:
+    out = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    return out
+
+
+def run(cfg: Any) -> dict:
+    """Train and evaluate one configuration; return the run record (also written to disk)."""
+    validate(cfg)
+    device = pick_device(cfg.device)
+    tcfg = cfg.train
+    precision = tcfg.precision if tcfg.precision != "auto" else (
+        "bf16" if device.type == "cuda" else "fp32")
+    output_dir = Path(cfg.output_dir)
+    results_dir = Path(cfg.results_dir) if cfg.results_dir else records.PROJECT_ROOT / "results"
+    run_id = records.new_run_id()
+    record = {
+        "schema": records.SCHEMA, "run_id": run_id, "status": "running",
+        "task": cfg.task.name, "model": cfg.model.name, "method": cfg.method.name,
+        "seed": cfg.seed, "experiment": cfg.get("experiment_name"),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "precision": precision, "git": records.git_state(), "machine": records.machine(device),
+        "versions": records.versions(), "command": records.command_line(),
+        "output_dir": str(output_dir), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    record_file = records.record_path(results_dir, cfg.task.name, cfg.model.name, cfg.method.name,
+                                      run_id)
+    t0 = time.perf_counter()
+    try:
+        torch.manual_seed(cfg.seed)
+        task = build_task(cfg.task, cfg.data_dir)
+        task.load()                                   # missing data fails here, before the model
+        record["data"] = task.describe()
+        model, tokenizer, applied = load_backbone(cfg.model, task.head, seed=cfg.seed,
+                                                  overrides=cfg.task.get("model_overrides"),
+                                                  **task.model_kwargs())
+        record["model_overrides_applied"] = applied
+        task.prepare(tokenizer)
+        n_total = total_steps(tcfg, len(task.train_examples()))
+        method = build_method(cfg.method, n_total)
+        heads = head_prefixes(model) if task.head == "classification" else []
+        model = method.apply(model, heads).to(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        train_cfg = OmegaConf.merge(tcfg, {"precision": precision})
+        trainer = Trainer(model, method, task, train_cfg, device, cfg.seed, n_total)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = output_dir / "checkpoint.pt"
+        if cfg.resume:
+            source = Path(cfg.resume) / "checkpoint.pt" if Path(cfg.resume).is_dir() else Path(cfg.resume)
+            if not source.is_file():
+                raise ConfigError(f"resume={cfg.resume!r}: no checkpoint.pt there")
+            trainer.load_state_dict(torch.load(source, map_location=device, weights_only=False))
+            record["resumed_from"] = {"path": str(source), "step": trainer.step, "epoch": trainer.epoch}
+            log.info("resumed from %s at step %d (epoch %d)", source, trainer.step, trainer.epoch)
+        record["params"] = {
+            "trainable": method.trainable_numel(model),
+            "head": sum(p.numel() for n, p in model.named_parameters()
+                        if p.requires_grad and any(n.startswith(h) for h in heads)),
+            "extra_updated": method.extra_updated(),
+            "total": sum(p.numel() for p in model.parameters()),
+        }
+        record["total_steps"] = n_total
+        t_train = time.perf_counter()
+        trainer.fit(on_epoch_end=(lambda tr: save_checkpoint(tr, ckpt)) if tcfg.checkpoint else None)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        record["train_time_s"] = time.perf_counter() - t_train
+        primary = task.metric
+        best = max(trainer.evals, key=lambda e: e[primary])
+        record["metrics"] = {"primary": primary, "evals": trainer.evals, "best": best,
+                             "final": trainer.evals[-1]}
+        if cfg.save_weights:
+            record["weights"] = {"path": str(output_dir / "weights.safetensors"),
+                                 "tensors": len(save_weights(model, method,
+                                                             output_dir / "weights.safetensors"))}
+        record["status"] = "completed"
+        return record
+    except (ConfigError, DataError):
+        raise                    # bad input: nothing ran, so nothing to record
+    except BaseException as e:
+        record["status"] = "failed"
+        record["error"] = "".join(traceback.format_exception_only(type(e), e)).strip()
+        record["traceback"] = traceback.format_exc()
+        raise
+    finally:
+        if record["status"] != "running":
+            record["wall_time_s"] = time.perf_counter() - t0
+            record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            record.update(peak_memory(device))
+            records.write_json_atomic(record_file, record)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            records.write_json_atomic(output_dir / "run.json", record, overwrite=True)
+            log.info("record: %s", record_file)

@@ -1,0 +1,540 @@
+"""Render run records into the paper's Tables 1-8, our numbers beside the paper's.
+
+    python -m deltalora_repro.tables [--results results]
+
+reads every `results/records/**/*.json` and writes `results/tables/<table>__<model>.{md,tex}`.
+Rendering is pure: records in, text out. A table is data (`TableSpec`): which records belong to
+which row (a matcher on record fields and resolved-config values) and column (a task and a
+metric), and how a record's metric becomes a cell (which metrics dict, which scale).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from deltalora_repro.errors import DataError
+from deltalora_repro.paper_numbers import GLUE_TASKS, PAPER_TABLES, PaperTable
+
+Record = dict[str, Any]
+
+MISSING_MARK = "–"
+_REQUIRED_KEYS = ("run_id", "status", "task", "model", "method", "seed", "metrics")
+
+
+class RecordError(DataError):
+    """A run record that cannot be read or lacks what a table needs; names the file or run."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+class LoadedRecords(NamedTuple):
+    completed: list[Record]
+    skipped: list[Record]  # status != "completed" (failed, running, ...): counted, never tabulated
+
+
+def scan_records(results_dir: Path) -> LoadedRecords:
+    """Read every `*.json` under `results_dir/records/`, split into completed and the rest."""
+    completed: list[Record] = []
+    skipped: list[Record] = []
+    for path in sorted((Path(results_dir) / "records").rglob("*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RecordError(f"malformed run record {path}: {exc}") from exc
+        if not isinstance(record, dict) or "status" not in record:
+            raise RecordError(f"malformed run record {path}: not an object with a 'status' key")
+        if record["status"] != "completed":
+            skipped.append(record)
+            continue
+        missing = [key for key in _REQUIRED_KEYS if key not in record]
+        if missing:
+            raise RecordError(f"malformed run record {path}: missing keys {missing}")
+        completed.append(record)
+    return LoadedRecords(completed, skipped)
+
+
+def load_records(results_dir: Path) -> list[Record]:
+    """The completed run records under `results_dir/records/` (see `scan_records` for the rest)."""
+    return scan_records(results_dir).completed
+
+
+# ---------------------------------------------------------------------------------------------
+# Table specs: which records go to which cell
+
+_ABSENT = object()  # a config path the record does not have
+
+# Where a record's resolved config keeps the hyperparameters that tell the E2E runs of Tables 1
+# and 5-8 apart. They must follow configs/method/*.yaml and configs/train/*.yaml.
+LR = "config.train.lr"
+UPDATE_RATIO = "config.method.update_ratio"
+START_STEPS = "config.method.start_steps"
+BRANCH_DROPOUT = "config.method.lora_dropout"
+
+# A matcher maps a record field or dotted config path to the value it must equal (numbers compare
+# as floats, so 2 == 2.0 and 2e-4 == 0.0002) or to a predicate on the value (`_ABSENT` if absent).
+Matcher = Mapping[str, object]
+
+
+def _no_branch_dropout(value: object) -> bool:
+    # Delta-LoRA proper has no dropout in the low-rank branch (Sec. 4.2); an absent key means none.
+    return value is _ABSENT or value is None or float(value) == 0.0  # type: ignore[arg-type]
+
+
+def _with_branch_dropout(value: object) -> bool:
+    return not _no_branch_dropout(value)
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str  # column key in paper_numbers
+    label: str
+    task: str  # record["task"] of the runs in this column
+    metric: str | None = None  # key in the record's metrics dict; None: the record's primary metric
+    scale: float = 1.0  # record value × scale = the paper's printed unit
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    number: int
+    slug: str  # file name stem
+    columns: tuple[Column, ...]
+    rows: Mapping[str, Matcher | None]  # row key -> matcher, in display order; None: paper only
+    split: str = "final"  # which dict of record["metrics"] holds the cell values
+    average: bool = False  # add the paper's AVG column: mean of all columns of a row
+    open_rows: bool = False  # also a row for each other method found among the table's records
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def paper(self) -> PaperTable:
+        return PAPER_TABLES[self.number]
+
+    @property
+    def tasks(self) -> set[str]:
+        return {column.task for column in self.columns}
+
+
+LABELS = {
+    "ft": "Full Fine-Tuning",
+    "ft-noembed": "Fine-Tuning† (embeddings frozen)",
+    "ft-qv": "Fine-Tuning‡ (Wq, Wv only)",
+    "lora": "LoRA",
+    "lora-paper": "LoRA (as published by Hu et al.)",
+    "dylora": "DyLoRA",
+    "adalora": "AdaLoRA",
+    "delta-lora": "Delta-LoRA",
+}
+_METHOD_ROWS = ("ft", "ft-noembed", "ft-qv", "lora", "dylora", "adalora", "delta-lora")
+
+
+def _method_rows(*, reference_lora: bool) -> dict[str, Matcher | None]:
+    rows: dict[str, Matcher | None] = {}
+    for key in _METHOD_ROWS:
+        rows[key] = {"method": key}
+        if key == "lora" and reference_lora:  # Tables 1-2 also print the LoRA paper's own numbers
+            rows["lora-paper"] = None
+    return rows
+
+
+# On E2E the paper runs LoRA and Delta-LoRA at several settings (Tables 5-8); each row pins the
+# settings that tell it apart, so a sweep run never lands in Table 1.
+_E2E_LORA: Matcher = {"method": "lora", LR: 2e-4}
+_E2E_DELTA: Matcher = {"method": "delta-lora", LR: 2e-4, BRANCH_DROPOUT: _no_branch_dropout}
+_E2E_DELTA_MAIN: Matcher = {**_E2E_DELTA, UPDATE_RATIO: 2, START_STEPS: 500}  # Table 9
+
+
+def _e2e_columns() -> tuple[Column, ...]:
+    # e2e-metrics reports BLEU, METEOR and ROUGE-L as fractions, NIST and CIDEr as printed.
+    return (
+        Column("bleu", "BLEU", "e2e", "bleu", 100.0),
+        Column("nist", "NIST", "e2e", "nist"),
+        Column("meteor", "METEOR", "e2e", "meteor", 100.0),
+        Column("rouge_l", "ROUGE-L", "e2e", "rouge_l", 100.0),
+        Column("cider", "CIDEr", "e2e", "cider"),
+    )
+
+
+def _webnlg_columns() -> tuple[Column, ...]:
+    # GenerationEval reports BLEU in 0-100 and METEOR, TER as fractions, as the paper prints them.
+    return tuple(
+        Column(f"{metric}_{split}", f"{metric.upper()} {split[0].upper()}", "webnlg", f"{metric}_{split}")
+        for metric in ("bleu", "meteor", "ter")
+        for split in ("seen", "unseen", "all")
+    )
+
+
+_XSUM_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
+_GLUE_LABELS = {
+    "mnli": "MNLI", "sst2": "SST-2", "mrpc": "MRPC", "cola": "CoLA",
+    "qnli": "QNLI", "qqp": "QQP", "rte": "RTE", "stsb": "STS-B",
+}
+_LAMBDAS = list(PAPER_TABLES[7]["rows"])
+_START_STEPS = list(PAPER_TABLES[8]["rows"])
+
+TABLE_SPECS: tuple[TableSpec, ...] = (
+    TableSpec(
+        number=1,
+        slug="table1_e2e",
+        columns=_e2e_columns(),
+        rows={**_method_rows(reference_lora=True), "lora": _E2E_LORA, "delta-lora": _E2E_DELTA_MAIN},
+        open_rows=True,
+    ),
+    TableSpec(
+        number=2,
+        slug="table2_webnlg",
+        columns=_webnlg_columns(),
+        rows=_method_rows(reference_lora=True),
+        open_rows=True,
+    ),
+    TableSpec(
+        number=3,
+        slug="table3_xsum",
+        # rouge-score reports fractions; the paper prints percentages.
+        columns=tuple(Column(key, label, "xsum", key, 100.0) for key, label in _XSUM_LABELS.items()),
+        rows=_method_rows(reference_lora=False),
+        open_rows=True,
+    ),
+    TableSpec(
+        number=4,
+        slug="table4_glue",
+        # GLUE metrics are fractions; the paper prints percentages of the best dev-set score.
+        columns=tuple(Column(t, _GLUE_LABELS[t], f"glue/{t}", None, 100.0) for t in GLUE_TASKS),
+        rows=_method_rows(reference_lora=False),
+        split="best",
+        average=True,
+        open_rows=True,
+    ),
+    TableSpec(
+        number=5,
+        slug="table5_ablation_branch_dropout",
+        columns=_e2e_columns(),
+        rows={
+            "lora": _E2E_LORA,
+            "delta-lora-branch-dropout": {**_E2E_DELTA_MAIN, BRANCH_DROPOUT: _with_branch_dropout},
+            "delta-lora": _E2E_DELTA_MAIN,
+        },
+        labels={"delta-lora-branch-dropout": "Delta-LoRA + LoRA module (dropout in the branch)"},
+    ),
+    TableSpec(
+        number=6,
+        slug="table6_lora_lr",
+        columns=_e2e_columns(),
+        rows={
+            "lora-lr2e-4": _E2E_LORA,
+            "lora-lr6e-4": {**_E2E_LORA, LR: 6e-4},
+            "delta-lora": _E2E_DELTA_MAIN,
+        },
+        labels={
+            "lora-lr2e-4": "LoRA, lr 2e-4",
+            "lora-lr6e-4": "LoRA, lr 6e-4",
+            "delta-lora": "Delta-LoRA, lr 2e-4, λ = 2",
+        },
+    ),
+    TableSpec(
+        number=7,
+        slug="table7_update_ratio",
+        columns=_e2e_columns(),
+        rows={k: {**_E2E_DELTA, START_STEPS: 500, UPDATE_RATIO: float(k)} for k in _LAMBDAS},
+        labels={k: f"λ = {k}" for k in _LAMBDAS},
+    ),
+    TableSpec(
+        number=8,
+        slug="table8_start_steps",
+        columns=_e2e_columns(),
+        rows={k: {**_E2E_DELTA, UPDATE_RATIO: 2, START_STEPS: int(k)} for k in _START_STEPS},
+        labels={k: f"K = {k}" for k in _START_STEPS},
+    ),
+)
+SPECS_BY_NUMBER = {spec.number: spec for spec in TABLE_SPECS}
+
+
+def _lookup(record: Mapping[str, Any], path: str) -> object:
+    node: object = record
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+def _same(got: object, want: object) -> bool:
+    if isinstance(want, (int, float)) and not isinstance(want, bool):
+        try:
+            return math.isclose(float(got), float(want), rel_tol=1e-9)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return False
+    return got == want
+
+
+def matches(record: Mapping[str, Any], matcher: Matcher) -> bool:
+    for path, want in matcher.items():
+        got = _lookup(record, path)
+        ok = want(got) if callable(want) else got is not _ABSENT and _same(got, want)
+        if not ok:
+            return False
+    return True
+
+
+def _row_matchers(spec: TableSpec, records: Sequence[Record]) -> dict[str, Matcher | None]:
+    rows = dict(spec.rows)
+    if spec.open_rows:
+        named = {m.get("method") for m in spec.rows.values() if m is not None}
+        for method in sorted({r["method"] for r in records if r["task"] in spec.tasks} - named):
+            rows[method] = {"method": method}
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Cells
+
+
+def _cell(values: Sequence[float], paper: float | None) -> str:
+    """`86.64 (paper 87.00, n=3, sd 0.52)`: our median over seeds, the paper's number, spread."""
+    notes = [] if paper is None else [f"paper {paper:.2f}"]
+    if len(values) > 1:
+        notes += [f"n={len(values)}", f"sd {statistics.stdev(values):.2f}"]
+    ours = f"{statistics.median(values):.2f}" if values else MISSING_MARK
+    return f"{ours} ({', '.join(notes)})" if notes else ours
+
+
+def _count(n: float) -> str:
+    if n == 0:
+        return "0"
+    return f"{n / 1e6:.3f}M" if n < 1e6 else f"{n / 1e6:.2f}M"
+
+
+def _params_cell(used: Sequence[Record], key: str, paper: str | None) -> str:
+    """Our parameter count (a range when runs differ, e.g. GLUE heads per task), the paper's."""
+    counts = sorted({int(r.get("params", {}).get(key) or 0) for r in used})
+    if not counts:
+        ours = MISSING_MARK
+    elif len(counts) == 1:
+        ours = _count(counts[0])
+    else:
+        ours = f"{_count(counts[0])}–{_count(counts[-1])}"
+    return ours if paper is None else f"{ours} (paper {paper})"
+
+
+def _metric(record: Record, spec: TableSpec, column: Column) -> float:
+    metrics = record["metrics"]
+    name = column.metric or metrics.get("primary")
+    try:
+        return float(metrics[spec.split][name]) * column.scale
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RecordError(
+            f"run {record['run_id']} ({record['task']}, {record['method']}): no number for "
+            f"metrics.{spec.split}.{name} needed by Table {spec.number}"
+        ) from exc
+
+
+class Grid(NamedTuple):
+    header: list[str]
+    rows: list[list[str]]
+    used: list[Record]  # every record behind a number, in row order
+    superseded: list[Record]  # older runs of the same (row, column, seed), not used
+
+
+def build_grid(spec: TableSpec, records: Sequence[Record], model: str) -> Grid:
+    """Cells of `spec` for the runs of `model`, as strings, with the records behind them."""
+    paper = spec.paper
+    ours = [r for r in records if r["model"] == model and r["task"] in spec.tasks]
+    has_params = "params" in paper
+    header = ["Method", *(["Trainable", "Extra updated"] if has_params else [])]
+    header += [c.label for c in spec.columns] + (["AVG"] if spec.average else [])
+    rows: list[list[str]] = []
+    used: list[Record] = []
+    superseded: list[Record] = []
+    for key, matcher in _row_matchers(spec, ours).items():
+        in_row = [r for r in ours if matcher is not None and matches(r, matcher)]
+        paper_row = paper["rows"].get(key, {})
+        cells: list[str] = []
+        medians: list[float] = []
+        row_used: list[Record] = []
+        for column in spec.columns:
+            # One run per seed: a rerun supersedes (run ids start with their UTC start time).
+            latest: dict[Any, Record] = {}
+            for r in sorted((r for r in in_row if r["task"] == column.task), key=lambda r: r["run_id"]):
+                if r["seed"] in latest:
+                    superseded.append(latest[r["seed"]])
+                latest[r["seed"]] = r
+            values = [_metric(r, spec, column) for r in latest.values()]
+            row_used += latest.values()
+            if values:
+                medians.append(statistics.median(values))
+            cells.append(_cell(values, paper_row.get(column.key)))
+        if spec.average:  # the paper's AVG: mean over all tasks, so only with every task present
+            mean = [statistics.fmean(medians)] if len(medians) == len(spec.columns) else []
+            cells.append(_cell(mean, paper_row.get("avg")))
+        if has_params:
+            printed = paper["params"].get(key, {})
+            trainable = printed.get("trainable")
+            # The paper's mark for "no extra updatable parameters" is printed here as 0.
+            extra = (printed.get("extra_updated") or "0") if printed else None
+            cells = [
+                _params_cell(row_used, "trainable", trainable),
+                _params_cell(row_used, "extra_updated", extra),
+                *cells,
+            ]
+        rows.append([spec.labels.get(key, LABELS.get(key, key)), *cells])
+        used += row_used
+    return Grid(header, rows, used, superseded)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _legend(spec: TableSpec) -> str:
+    which = {"best": "best dev-set evaluation", "final": "final evaluation"}[spec.split]
+    which += f" (`metrics.{spec.split}`)"
+    scaled = [c.label for c in spec.columns if c.scale == 100.0]
+    if scaled:  # records keep fractions where the official tool prints them; the paper prints %
+        which += " ×100" if len(scaled) == len(spec.columns) else f" (×100 for {', '.join(scaled)})"
+    text = (
+        f"Cell: our median over seeds of the {which}, then in parentheses the paper's number and, "
+        f"when more than one seed ran, n = seeds and sd = their sample standard deviation; "
+        f"`{MISSING_MARK}` = no completed run."
+    )
+    if spec.average:
+        text += f" AVG: mean of the {len(spec.columns)} task medians, only when all are present."
+    if "params" in spec.paper:
+        text += " Parameter counts: ours (a range when runs differ, e.g. GLUE heads), then the paper's."
+    reference = [LABELS.get(key, key) for key, matcher in spec.rows.items() if matcher is None]
+    if reference:
+        text += f" {', '.join(reference)}: the paper quotes it; no run of ours belongs there."
+    return text
+
+
+def _model_line(spec: TableSpec, model: str) -> str:
+    paper_model = spec.paper["model"]
+    if model == paper_model:
+        return f"Ours and the paper's: `{model}`."
+    return f"Ours: `{model}`. The paper's numbers beside ours are for `{paper_model}`."
+
+
+def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _provenance(record: Record) -> list[str]:
+    git = record.get("git", {})
+    commit = str(git.get("commit") or "?")[:10] + ("+dirty" if git.get("dirty") else "")
+    machine = record.get("machine", {})
+    where = " / ".join(str(machine[k]) for k in ("hostname", "device_name") if machine.get(k)) or "?"
+    run = f"`{record['run_id']}`"
+    return [run, record["task"], record["method"], str(record["seed"]), f"`{commit}`", where]
+
+
+def render_table(
+    spec: TableSpec, records: Sequence[Record], model: str, skipped: Sequence[Record] = ()
+) -> str:
+    """Markdown for one table and one model, with the records behind every number."""
+    grid = build_grid(spec, records, model)
+    lines = [f"## Table {spec.number}: {spec.paper['caption']}", "", _model_line(spec, model), ""]
+    lines += _md_table(grid.header, grid.rows)
+    lines += ["", _legend(spec)]
+    not_done = [r for r in skipped if r.get("model") == model and r.get("task") in spec.tasks]
+    if not_done:
+        ids = ", ".join(f"`{r.get('run_id', '?')}` ({r.get('status')})" for r in not_done)
+        lines += ["", f"Not completed, not shown: {len(not_done)} run(s): {ids}."]
+    if grid.superseded:
+        ids = ", ".join(f"`{r['run_id']}`" for r in grid.superseded)
+        lines += ["", f"Superseded by a later run of the same seed: {ids}."]
+    lines += ["", "Records used:", ""]
+    if grid.used:
+        header = ["run_id", "task", "method", "seed", "commit", "machine"]
+        lines += _md_table(header, map(_provenance, grid.used))
+    else:
+        lines += ["(none yet)"]
+    return "\n".join(lines) + "\n"
+
+
+def render_table4(records: Sequence[Record], model: str, skipped: Sequence[Record] = ()) -> str:
+    """Table 4 (GLUE) in Markdown for the runs of `model`, the paper's roberta-base numbers beside."""
+    return render_table(SPECS_BY_NUMBER[4], records, model, skipped)
+
+
+_TEX_ESCAPES = {
+    "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "–": "--", "`": "",
+    "λ": r"$\lambda$", "†": r"$^\dagger$", "‡": r"$^\ddagger$", "×": r"$\times$",
+}
+
+
+def _tex(text: str) -> str:
+    return re.sub("|".join(map(re.escape, _TEX_ESCAPES)), lambda m: _TEX_ESCAPES[m.group()], text)
+
+
+def render_table_latex(spec: TableSpec, records: Sequence[Record], model: str) -> str:
+    """The same cells as `render_table`, as a LaTeX tabular."""
+    grid = build_grid(spec, records, model)
+    lines = [
+        f"% Table {spec.number}: {_tex(spec.paper['caption'])}",
+        f"% {_tex(_model_line(spec, model))} Generated by deltalora_repro.tables; do not edit.",
+        f"% {_tex(_legend(spec))}",
+        r"\begin{tabular}{l" + "c" * (len(grid.header) - 1) + "}",
+        r"\hline",
+        " & ".join(map(_tex, grid.header)) + r" \\",
+        r"\hline",
+        *(" & ".join(map(_tex, row)) + r" \\" for row in grid.rows),
+        r"\hline",
+        r"\end{tabular}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _models(spec: TableSpec, records: Sequence[Record]) -> list[str]:
+    """The paper's model (so pending cells show) and every model with a run in this table."""
+    matchers = [m for m in _row_matchers(spec, records).values() if m is not None]
+    ran = {r["model"] for r in records if r["task"] in spec.tasks and any(matches(r, m) for m in matchers)}
+    return [spec.paper["model"], *sorted(ran - {spec.paper["model"]})]
+
+
+def _file_stem(spec: TableSpec, model: str) -> str:
+    return f"{spec.slug}__{re.sub(r'[^A-Za-z0-9._-]+', '_', model)}"
+
+
+def render_all(results_dir: Path, latex: bool = True) -> dict[str, str]:
+    """{file name: text} for every table and model: `.md`, and `.tex` when `latex`."""
+    loaded = scan_records(results_dir)
+    files: dict[str, str] = {}
+    for spec in TABLE_SPECS:
+        for model in _models(spec, loaded.completed):
+            stem = _file_stem(spec, model)
+            files[f"{stem}.md"] = render_table(spec, loaded.completed, model, loaded.skipped)
+            if latex:
+                files[f"{stem}.tex"] = render_table_latex(spec, loaded.completed, model)
+    return files
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--results", type=Path, default=Path("results"), help="folder with records/; tables/ is written there"
+    )
+    args = parser.parse_args(argv)
+    out_dir = args.results / "tables"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = render_all(args.results)
+    # Generated files only: drop tables of models that no longer have records, so none go stale.
+    for old in out_dir.glob("table[0-9]_*__*"):
+        if old.suffix in {".md", ".tex"} and old.name not in files:
+            old.unlink()
+    for name, text in files.items():
+        (out_dir / name).write_text(text, encoding="utf-8")
+        if name.endswith(".md"):
+            print(text)
+    print(f"wrote {len(files)} files to {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""What the training loop needs from a task, and the registry of task families."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+
+
+class Task:
+    """A task family: loads its splits, builds batches, computes its loss and its metrics."""
+
+    head = "classification"       # which model head: classification | causal-lm | seq2seq
+    metric = ""                   # primary metric key, maximised for the best epoch
+
+    def __init__(self, cfg: Any, data_dir: str | None):
+        self.cfg = cfg
+        self.data_dir = data_dir
+
+    def load(self) -> None:
+        """Read every split this run needs (before the model is loaded: fail early)."""
+        raise NotImplementedError
+
+    def model_kwargs(self) -> dict:
+        """num_labels / problem_type for the head."""
+        return {}
+
+    def prepare(self, tokenizer) -> None:
+        raise NotImplementedError
+
+    def train_examples(self) -> list[dict]:
+        raise NotImplementedError
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(self, model, device, batch_size: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """Provenance of the data, for the run record."""
+        return {}
+
+
+def pad_to(length: int, multiple: int) -> int:
+    """Round a batch's length up to a bucket, so that few distinct shapes occur."""
+    return length if multiple <= 1 else -(-length // multiple) * multiple
+
+
+def build_task(cfg: Any, data_dir: str | None) -> Task:
+    from .glue import GlueTask
+    families = {"glue": GlueTask}
+    if cfg.family not in families:
+        raise ConfigError(f"task family {cfg.family!r} is not available; valid: {sorted(families)}")
+    return families[cfg.family](cfg, data_dir)

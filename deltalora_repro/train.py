@@ -1,0 +1,167 @@
+"""The training loop: short and explicit; everything method-specific happens in the method's hooks.
+
+Hot path rules (see README "Speed"): no .item() or other host synchronisation per step (the
+running loss stays on the device and is read only every `log_every` steps), batches padded to
+buckets so few shapes occur, and the Delta-LoRA update runs for all layers in one hook call.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from transformers import get_linear_schedule_with_warmup
+
+from .errors import ConfigError
+from .methods import Method
+from .tasks.base import Task
+
+log = logging.getLogger(__name__)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: not on biases or LayerNorm weights (the usual convention)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int) -> int:
+    return math.ceil(math.ceil(n_examples / batch_size) / grad_accum)
+
+
+def total_steps(cfg: Any, n_examples: int) -> int:
+    per_epoch = steps_per_epoch(n_examples, cfg.batch_size, cfg.grad_accum)
+    total = per_epoch * cfg.epochs
+    return min(total, cfg.max_steps) if cfg.max_steps else total
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    raise ConfigError(f"train.precision {precision!r}; valid: fp32, bf16")
+
+
+class Trainer:
+    """Holds the run's mutable state so that it can be checkpointed and resumed exactly."""
+
+    def __init__(self, model, method: Method, task: Task, cfg: Any, device: torch.device,
+                 seed: int, n_total_steps: int):
+        self.model, self.method, self.task, self.cfg, self.device = model, method, task, cfg, device
+        if cfg.batch_size % cfg.grad_accum:
+            raise ConfigError(f"train.batch_size {cfg.batch_size} is not divisible by "
+                              f"train.grad_accum {cfg.grad_accum}")
+        self.micro_batch = cfg.batch_size // cfg.grad_accum
+        self.total_steps = n_total_steps
+        fused = device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+            **({"fused": True} if fused else {"foreach": True}))
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(
+            cfg.warmup_ratio * n_total_steps)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, n_total_steps)
+        # The data order depends on the seed alone and is restored on resume.
+        self.generator = torch.Generator().manual_seed(seed)
+        self.step = 0          # optimizer steps done
+        self.epoch = 0         # epochs done
+        self.evals: list[dict] = []
+
+    # -- checkpointing ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
+                "method": self.method.state_dict(), "step": self.step, "epoch": self.epoch,
+                "evals": self.evals, "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        self.method.load_state_dict(state["method"])
+        self.step, self.epoch, self.evals = state["step"], state["epoch"], state["evals"]
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def batches(self, examples: list[dict]):
+        order = torch.randperm(len(examples), generator=self.generator).tolist()
+        for i in range(0, len(order), self.micro_batch):
+            yield self.task.collate([examples[j] for j in order[i:i + self.micro_batch]])
+
+    def evaluate(self) -> dict:
+        self.model.eval()
+        results = {}
+        for suffix, setting in self.method.eval_settings():
+            setting()
+            metrics = self.task.evaluate(self.model, self.device, self.cfg.eval_batch_size)
+            results.update({(f"{suffix}/{k}" if suffix else k): v for k, v in metrics.items()})
+        self.model.train()
+        return results
+
+    def fit(self, on_epoch_end: Callable[["Trainer"], None] | None = None) -> None:
+        cfg, model, device = self.cfg, self.model, self.device
+        examples = self.task.train_examples()
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        running = torch.zeros((), device=device)
+        t_log, n_log = time.perf_counter(), 0
+        while self.epoch < cfg.epochs and self.step < self.total_steps:
+            micro = 0
+            for batch in self.batches(examples):
+                if micro % cfg.grad_accum == 0:
+                    self.method.on_step_start(self.step)
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with autocast(device, cfg.precision):
+                    loss = self.task.loss(model, batch)
+                    extra = self.method.extra_loss(model)
+                    if extra is not None:
+                        loss = loss + extra
+                (loss / cfg.grad_accum).backward()
+                running += loss.detach() / cfg.grad_accum
+                micro += 1
+                if micro % cfg.grad_accum:
+                    continue
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.step += 1
+                self.method.after_optimizer_step(self.step)
+                self.optimizer.zero_grad(set_to_none=True)
+                n_log += 1
+                if self.step % cfg.log_every == 0:
+                    # The only host synchronisation in the loop, once every log_every steps.
+                    dt = time.perf_counter() - t_log
+                    log.info("step %d/%d epoch %d loss %.4f lr %.2e %.1f ms/step", self.step,
+                             self.total_steps, self.epoch + 1, (running / n_log).item(),
+                             self.scheduler.get_last_lr()[0], 1000 * dt / n_log)
+                    running.zero_()
+                    t_log, n_log = time.perf_counter(), 0
+                if self.step >= self.total_steps:
+                    break
+            self.epoch += 1
+            metrics = self.evaluate()
+            self.evals.append({"epoch": self.epoch, "step": self.step, **metrics})
+            log.info("epoch %d step %d eval %s", self.epoch, self.step,
+                     {k: round(v, 4) for k, v in metrics.items()})
+            if on_epoch_end is not None:
+                on_epoch_end(self)
+
+
+def save_checkpoint(trainer: Trainer, path: Path) -> None:
+    """Everything needed to resume exactly, written atomically (a crash never leaves half a file)."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(trainer.state_dict(), tmp)
+    tmp.replace(path)

@@ -1,0 +1,276 @@
+"""Golden tests for the paper's numbers and the rendering of run records into tables."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deltalora_repro import tables
+from deltalora_repro.paper_numbers import GLUE_TASKS, PAPER_TABLES
+from deltalora_repro.tables import RecordError, load_records, render_all, render_table4, scan_records
+
+PAPER_TEXT = Path(__file__).resolve().parents[2] / "shared/paper/delta-lora-2309.02411.txt"
+
+
+def _record(
+    task: str,
+    method: str,
+    seed: int,
+    score: float,
+    *,
+    model: str = "roberta-base",
+    status: str = "completed",
+    run_id: str | None = None,
+    config: dict[str, Any] | None = None,
+    final: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """A run record as the training code writes it, GLUE-like unless `final` metrics are given."""
+    best = {"epoch": 2, "step": 40, "accuracy": score}
+    slug = f"{task.replace('/', '-')}-{method}-{model}"
+    return {
+        "schema": 1,
+        "run_id": run_id or f"20261122-1601{seed:02d}-{slug}",
+        "status": status,
+        "task": task,
+        "model": model,
+        "method": method,
+        "seed": seed,
+        "experiment": f"{task}/{method}",
+        "config": config or {},
+        "metrics": {"primary": "accuracy", "evals": [best], "best": best, "final": final or best},
+        "params": {"trainable": 294912, "extra_updated": 14155776 if method == "delta-lora" else 0},
+        "git": {"commit": "0123456789abcdef", "dirty": False},
+        "machine": {"hostname": "node1", "device": "cuda", "device_name": "NVIDIA H100 80GB HBM3"},
+    }
+
+
+def _write(results: Path, *records: dict[str, Any]) -> None:
+    folder = results / "records"
+    folder.mkdir(parents=True, exist_ok=True)
+    for record in records:
+        sub = folder / record["task"].replace("/", "_")
+        sub.mkdir(exist_ok=True)
+        (sub / f"{record['run_id']}.json").write_text(json.dumps(record))
+
+
+def _cells(markdown: str, label: str) -> list[str]:
+    """The cells of the first Markdown table row whose first cell is `label`."""
+    for line in markdown.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("|") and cells[0] == label:
+            return cells[1:]
+    raise AssertionError(f"no row {label!r} in\n{markdown}")
+
+
+# --- paper numbers -----------------------------------------------------------------------------
+
+
+def test_paper_numbers_round_trip() -> None:
+    assert PAPER_TABLES[4]["rows"]["delta-lora"]["rte"] == 87.00
+    assert PAPER_TABLES[1]["rows"]["delta-lora"]["bleu"] == 70.84
+    assert PAPER_TABLES[4]["rows"]["lora"]["avg"] == 87.12
+    assert PAPER_TABLES[1]["rows"]["lora-paper"]["bleu"] == 70.4
+    assert PAPER_TABLES[2]["rows"]["adalora"]["ter_all"] == 0.44
+    assert PAPER_TABLES[3]["rows"]["ft"]["rougeLsum"] == 37.24
+    assert PAPER_TABLES[5]["rows"]["delta-lora-branch-dropout"]["meteor"] == 46.38
+    assert PAPER_TABLES[6]["rows"]["lora-lr6e-4"]["cider"] == 2.39
+    assert PAPER_TABLES[7]["rows"]["0"]["bleu"] == 68.94
+    assert PAPER_TABLES[8]["rows"]["900"]["bleu"] == 71.00
+    assert PAPER_TABLES[1]["params"]["delta-lora"] == {"trainable": "0.375M", "extra_updated": "48M"}
+    assert PAPER_TABLES[4]["params"]["ft"]["trainable"] == "118.87M"
+
+
+def test_paper_tables_are_complete() -> None:
+    models = {1: "gpt2-medium", 2: "gpt2-medium", 3: "bart-large", 4: "roberta-base"}
+    for number, table in PAPER_TABLES.items():
+        assert table["model"] == models.get(number, "gpt2-medium")
+        for row in table["rows"].values():
+            assert list(row) == table["columns"]
+    assert list(PAPER_TABLES[7]["rows"]) == [str(v) for v in range(6)]
+    assert list(PAPER_TABLES[8]["rows"]) == [str(v) for v in range(0, 1001, 100)]
+
+
+def test_table4_paper_avg_is_the_mean_of_its_tasks() -> None:
+    # The paper's AVG is the task mean up to its last digit (it truncates some, e.g. 87.3875 -> 87.38).
+    for row in PAPER_TABLES[4]["rows"].values():
+        assert abs(sum(row[t] for t in GLUE_TASKS) / 8 - row["avg"]) < 0.011
+
+
+@pytest.mark.skipif(not PAPER_TEXT.exists(), reason="paper text not available")
+def test_paper_numbers_match_the_paper_text() -> None:
+    """Every transcribed row appears, in order, as a line of numbers in the paper text."""
+    printed = [
+        [float(x) for x in re.findall(r"(?<![\w.])-?\d+\.?\d*(?![\w.])", line.split("|", 1)[1])]
+        for line in PAPER_TEXT.read_text(encoding="utf-8").splitlines()
+        if line.count("|") >= 5
+    ]
+    for number, table in PAPER_TABLES.items():
+        for key, row in table["rows"].items():
+            values = list(row.values())
+            found = any(nums[-len(values):] == values for nums in printed if len(nums) >= len(values))
+            assert found, f"Table {number} row {key} {values} not in the paper text"
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def test_load_records_skips_but_counts_unfinished(tmp_path: Path) -> None:
+    failed = _record("glue/rte", "lora", 1, 0.7, status="failed")
+    _write(tmp_path, _record("glue/rte", "lora", 0, 0.8), failed)
+    assert [r["seed"] for r in load_records(tmp_path)] == [0]
+    assert [r["status"] for r in scan_records(tmp_path).skipped] == ["failed"]
+
+
+def test_malformed_record_names_the_file(tmp_path: Path) -> None:
+    _write(tmp_path, _record("glue/rte", "lora", 0, 0.8))
+    bad = tmp_path / "records" / "deep" / "broken.json"
+    bad.parent.mkdir()
+    bad.write_text('{"status": "completed", ')
+    with pytest.raises(RecordError, match="broken.json"):
+        load_records(tmp_path)
+
+
+def test_record_missing_keys_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "partial.json").write_text('{"status": "completed", "task": "glue/rte"}')
+    with pytest.raises(RecordError, match=r"partial\.json.*run_id"):
+        load_records(tmp_path)
+
+
+# --- Table 4 ------------------------------------------------------------------------------------
+
+
+def _glue_results(tmp_path: Path) -> Path:
+    records = [
+        # Delta-LoRA on RTE: three seeds, median 0.8664; a failed fourth run.
+        _record("glue/rte", "delta-lora", 0, 0.8664),
+        _record("glue/rte", "delta-lora", 1, 0.8520),
+        _record("glue/rte", "delta-lora", 2, 0.8700),
+        _record("glue/rte", "delta-lora", 3, 0.10, status="failed"),
+        # LoRA on all 8 tasks, one seed each, 0.80 everywhere except CoLA 0.60.
+        *(_record(f"glue/{t}", "lora", 0, 0.60 if t == "cola" else 0.80) for t in GLUE_TASKS),
+        # A method the paper does not have; and a second model.
+        _record("glue/rte", "vera", 0, 0.75),
+        _record("glue/rte", "delta-lora", 0, 0.61, model="minilm-l6"),
+        _record("glue/rte", "delta-lora", 1, 0.63, model="minilm-l6"),
+    ]
+    _write(tmp_path, *records)
+    return tmp_path
+
+
+def test_table4_cells(tmp_path: Path) -> None:
+    loaded = scan_records(_glue_results(tmp_path))
+    md = render_table4(loaded.completed, "roberta-base", loaded.skipped)
+
+    delta = _cells(md, "Delta-LoRA")
+    header = _cells(md, "Method")
+    assert header == [
+        "Trainable", "Extra updated", "MNLI", "SST-2", "MRPC", "CoLA", "QNLI", "QQP", "RTE", "STS-B", "AVG"
+    ]
+    assert delta[header.index("RTE")] == "86.64 (paper 87.00, n=3, sd 0.95)"
+    assert delta[header.index("MNLI")] == "– (paper 87.50)"
+    assert delta[header.index("AVG")] == "– (paper 87.38)"  # not all 8 tasks ran
+    assert delta[:2] == ["0.295M (paper 0.28M)", "14.16M (paper 13.5M)"]
+
+    lora = _cells(md, "LoRA")
+    assert lora[header.index("RTE")] == "80.00 (paper 86.64)"  # one seed: no n, no sd
+    assert lora[header.index("AVG")] == "77.50 (paper 87.12)"  # (7 * 80 + 60) / 8
+    assert lora[1] == "0 (paper 0)"
+
+    assert _cells(md, "Full Fine-Tuning")[header.index("RTE")] == "– (paper 84.11)"
+    assert _cells(md, "vera")[header.index("RTE")] == "75.00"  # no paper number to show
+    rows = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ")]
+    assert rows[1:9] == [
+        "Full Fine-Tuning", "Fine-Tuning† (embeddings frozen)", "Fine-Tuning‡ (Wq, Wv only)",
+        "LoRA", "DyLoRA", "AdaLoRA", "Delta-LoRA", "vera",
+    ]
+
+    assert "Ours and the paper's: `roberta-base`." in md
+    assert "Not completed, not shown: 1 run(s)" in md
+    assert "| `20261122-160100-" in md and "`0123456789`" in md and "node1 / NVIDIA H100 80GB HBM3" in md
+    assert "minilm" not in md  # the other model's runs are not mixed in
+
+
+def test_table4_other_model_keeps_paper_numbers(tmp_path: Path) -> None:
+    md = render_table4(load_records(_glue_results(tmp_path)), "minilm-l6")
+    header = _cells(md, "Method")
+    assert _cells(md, "Delta-LoRA")[header.index("RTE")] == "62.00 (paper 87.00, n=2, sd 1.41)"
+    assert "Ours: `minilm-l6`. The paper's numbers beside ours are for `roberta-base`." in md
+
+
+def test_rerun_of_a_seed_supersedes_the_older_run(tmp_path: Path) -> None:
+    old = _record("glue/rte", "lora", 0, 0.50, run_id="20261122-100000-aaaaaa")
+    new = _record("glue/rte", "lora", 0, 0.70, run_id="20261123-100000-bbbbbb")
+    md = render_table4([new, old], "roberta-base")
+    assert _cells(md, "LoRA")[_cells(md, "Method").index("RTE")] == "70.00 (paper 86.64)"
+    assert "Superseded by a later run of the same seed: `20261122-100000-aaaaaa`." in md
+
+
+def test_missing_primary_metric_names_the_run() -> None:
+    record = _record("glue/rte", "lora", 0, 0.5)
+    record["metrics"]["primary"] = "matthews_correlation"
+    with pytest.raises(RecordError, match=record["run_id"]):
+        render_table4([record], "roberta-base")
+
+
+# --- all tables ----------------------------------------------------------------------------------
+
+
+def test_render_all_files(tmp_path: Path) -> None:
+    files = render_all(_glue_results(tmp_path))
+    assert "table4_glue__roberta-base.md" in files and "table4_glue__minilm-l6.md" in files
+    assert "table4_glue__roberta-base.tex" in files
+    # Every table is rendered for the paper's model, showing the paper's numbers while runs are pending.
+    assert {name.split("__")[0] for name in files} == {spec.slug for spec in tables.TABLE_SPECS}
+    assert "– (paper 70.84)" in files["table1_e2e__gpt2-medium.md"]
+    tex = files["table4_glue__roberta-base.tex"]
+    assert r"\begin{tabular}{l" + "c" * 11 + "}" in tex  # 2 counts + 8 tasks + AVG
+    assert "86.64 (paper 87.00, n=3, sd 0.95)" in tex
+
+
+def test_main_writes_tables(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    results = _glue_results(tmp_path)
+    stale = results / "tables" / "table4_glue__gone.md"
+    stale.parent.mkdir()
+    stale.write_text("old")
+    tables.main(["--results", str(results)])
+    assert (results / "tables" / "table4_glue__minilm-l6.md").exists()
+    assert not stale.exists()
+    assert "86.64 (paper 87.00, n=3, sd 0.95)" in capsys.readouterr().out
+
+
+def _e2e(method: str, bleu: float, lr: float = 2e-4, **method_cfg: float) -> dict[str, Any]:
+    """One E2E run (seed 0); e2e-metrics style fractions for BLEU, METEOR and ROUGE-L."""
+    final = {"bleu": bleu, "nist": 8.8, "meteor": 0.46, "rouge_l": 0.72, "cider": 2.5}
+    config = {"method": method_cfg, "train": {"lr": lr}}
+    run_id = f"20261122-160100-{method}-lr{lr}-" + "-".join(f"{k}{v}" for k, v in method_cfg.items())
+    return _record("e2e", method, 0, 0.0, model="gpt2-medium", run_id=run_id, config=config, final=final)
+
+
+def test_e2e_runs_land_in_their_tables() -> None:
+    records = [
+        _e2e("delta-lora", 0.7084, update_ratio=2, start_steps=500, dropout=0.0),
+        _e2e("delta-lora", 0.6900, update_ratio=3, start_steps=500),
+        _e2e("delta-lora", 0.7000, update_ratio=2, start_steps=500, dropout=0.1),
+        _e2e("lora", 0.6960),
+        _e2e("lora", 0.6963, lr=6e-4),
+    ]
+    spec = tables.SPECS_BY_NUMBER
+    t1 = tables.render_table(spec[1], records, "gpt2-medium")
+    assert _cells(t1, "Delta-LoRA")[2:4] == ["70.84 (paper 70.84)", "8.80 (paper 8.91)"]
+    assert _cells(t1, "LoRA")[2] == "69.60 (paper 69.60)"  # the lr 6e-4 run is Table 6's
+    assert _cells(t1, "LoRA (as published by Hu et al.)")[2] == "– (paper 70.40)"
+    t5 = tables.render_table(spec[5], records, "gpt2-medium")
+    assert _cells(t5, "Delta-LoRA + LoRA module (dropout in the branch)")[2] == "70.00 (paper 70.29)"
+    t6 = tables.render_table(spec[6], records, "gpt2-medium")
+    assert _cells(t6, "LoRA, lr 6e-4")[0] == "69.63 (paper 69.63)"
+    t7 = tables.render_table(spec[7], records, "gpt2-medium")
+    assert _cells(t7, "λ = 3")[0] == "69.00 (paper 70.14)"
+    assert _cells(t7, "λ = 2")[0] == "70.84 (paper 70.84)"
+    assert _cells(t7, "λ = 0")[0] == "– (paper 68.94)"
+    t8 = tables.render_table(spec[8], records, "gpt2-medium")
+    assert _cells(t8, "K = 500")[0] == "70.84 (paper 70.84)"
