@@ -148,7 +148,7 @@ def load_backbone(model_cfg: Any, head: str, num_labels: int | None = None,
         # GPT-2 and Llama tokenizers have no pad token; padding positions are masked anyway.
         tok.pad_token = tok.eos_token
     config.pad_token_id = tok.pad_token_id
-    model = HEADS[head].from_pretrained(where, config=config, torch_dtype=torch.float32, **kwargs)
+    model = HEADS[head].from_pretrained(where, config=config, dtype=torch.float32, **kwargs)
     return model, tok, applied
 
 

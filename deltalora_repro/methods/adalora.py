@@ -34,7 +34,7 @@ class AdaLoRA(Method):
             fan_in_fan_out=family == "gpt2",
             tinit=tinit, tfinal=tfinal, deltaT=cfg.delta_t, beta1=cfg.beta1, beta2=cfg.beta2,
             orth_reg_weight=cfg.orth_reg_weight, total_step=self.total_steps,
-            modules_to_save=list(head_names) or None,
+            modules_to_save=[h.rstrip(".") for h in head_names] or None,
         )
         for n, p in model.named_parameters():
             p.requires_grad_(False)
@@ -55,9 +55,11 @@ class AdaLoRA(Method):
         self.model.base_model.update_and_allocate(step)
 
     def total_rank(self) -> int:
-        """Ranks still alive: non-zero singular values across all adapted modules."""
-        return int(sum((p != 0).sum().item() for n, p in self.model.named_parameters()
-                       if "lora_E" in n))
+        """Ranks the allocator keeps across all adapted modules (init_r each before pruning)."""
+        pattern = self.model.peft_config["default"].rank_pattern
+        if pattern:
+            return int(sum(int(torch.as_tensor(v).sum()) for v in pattern.values()))
+        return sum(p.shape[0] for n, p in self.model.named_parameters() if "lora_E" in n)
 
     def state_dict(self) -> dict:
         alloc = self.model.base_model.rankallocator

@@ -1,0 +1,52 @@
+"""Shared helpers: compose the real Hydra config and shrink it to a CPU-sized run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+
+from deltalora_repro.methods import build_method
+from deltalora_repro.models import head_prefixes, load_backbone
+from deltalora_repro.tasks.base import build_task
+from deltalora_repro.train import Trainer, total_steps
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+DATA = ROOT.parent / "shared" / "data"
+GLUE = DATA / "glue"
+
+needs_glue = pytest.mark.skipif(not GLUE.is_dir(), reason=f"GLUE data not found at {GLUE}")
+
+
+def make_cfg(*overrides: str, tmp_path: Path | None = None):
+    """The composed config, as the command line would build it, plus the given overrides."""
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    with open_dict(cfg):
+        if tmp_path is not None:
+            cfg.output_dir = str(tmp_path / "out")
+            cfg.results_dir = str(tmp_path / "results")
+        cfg.experiment_name = None
+    return cfg
+
+
+SMALL = ["data_dir=" + str(GLUE), "task=glue/rte", "task.train_max_examples=48",
+         "task.eval_max_examples=32", "task.max_length=48", "train.batch_size=8", "device=cpu",
+         "train.log_every=1000", "train.epochs=1", "train.checkpoint=false"]
+
+
+def build(cfg):
+    """(task, model, method, trainer) for a config, as run() builds them."""
+    torch.manual_seed(cfg.seed)
+    task = build_task(cfg.task, cfg.data_dir)
+    task.load()
+    model, tok, _ = load_backbone(cfg.model, task.head, seed=cfg.seed, **task.model_kwargs())
+    task.prepare(tok)
+    n = total_steps(cfg.train, len(task.train_examples()))
+    method = build_method(cfg.method, n)
+    model = method.apply(model, head_prefixes(model))
+    tcfg = OmegaConf.merge(cfg.train, {"precision": "fp32"})
+    return task, model, method, Trainer(model, method, task, tcfg, torch.device("cpu"), cfg.seed, n)

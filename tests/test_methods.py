@@ -1,0 +1,231 @@
+"""Each method does exactly what the paper says, shown on tiny models and real RTE rows."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deltalora_repro.adapters import LoRALayer, find_sites, inject_lora, lora_layers, weight_slice
+from deltalora_repro.errors import ConfigError
+from deltalora_repro.methods import build_method
+
+from .conftest import SMALL, build, make_cfg, needs_glue
+
+pytestmark = needs_glue
+FAMILIES = ["tiny-roberta", "tiny-gpt2", "tiny-bart"]
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def slices_of(model):
+    """(layer, slice index, W slice view in (out, in) orientation) for every adapted site."""
+    out = []
+    for layer in lora_layers(model):
+        for i, (start, stop) in enumerate(layer.slices):
+            base = layer.base
+            w = base.weight[:, start:stop].t() if not isinstance(base, torch.nn.Linear) \
+                else base.weight[start:stop]
+            out.append((layer, i, w))
+    return out
+
+
+@pytest.mark.parametrize("model_name", FAMILIES)
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_factor_gradients_equal_w_gradient_without_branch_dropout(model_name, dropout, tmp_path):
+    """Sec. 4.2: with no dropout in the branch, dL/dW = dL/d(sBA), so dL/dB = s G A^T and
+    dL/dA = s B^T G with G = dL/dW; branch dropout breaks the identity."""
+    cfg = make_cfg(f"model={model_name}", "method=lora", f"method.lora_dropout={dropout}", *SMALL,
+                   tmp_path=tmp_path)
+    task, model, method, _ = build(cfg)
+    model.train()
+    for layer in lora_layers(model):
+        layer.base.weight.requires_grad_(True)
+        for b in layer.lora_B:            # B = 0 at init would make dL/dA vanish trivially
+            torch.nn.init.normal_(b, std=0.02)
+    batch = task.collate(task.train_examples()[:8])
+    torch.manual_seed(0)
+    task.loss(model, batch).backward()
+    worst = 0.0
+    for layer, i, w in slices_of(model):
+        g_full = layer.base.weight.grad
+        g = g_full[:, layer.slices[i][0]:layer.slices[i][1]].t() \
+            if not isinstance(layer.base, torch.nn.Linear) else g_full[layer.slices[i][0]:layer.slices[i][1]]
+        a, b, s = layer.lora_A[i], layer.lora_B[i], layer.scaling
+        expect_b, expect_a = s * g @ a.t(), s * b.t() @ g
+        err = max((b.grad - expect_b).norm() / expect_b.norm(), (a.grad - expect_a).norm() / expect_a.norm())
+        worst = max(worst, float(err.detach()))
+    if dropout == 0.0:
+        assert worst < 1e-5
+    else:
+        assert worst > 1e-2
+
+
+@pytest.mark.parametrize("model_name", FAMILIES)
+def test_delta_lora_k0_telescopes_to_final_product(model_name, tmp_path):
+    """With K = 0 the per-step updates telescope: W_T - W_0 = lambda * s * B_T A_T."""
+    cfg = make_cfg(f"model={model_name}", "method=delta-lora", "method.start_steps=0",
+                   "method.update_ratio=2", "train.lr=1e-2", *SMALL, tmp_path=tmp_path)
+    task, model, method, trainer = build(cfg)
+    before = [w.detach().clone() for *_, w in slices_of(model)]
+    trainer.fit()
+    assert trainer.step == 6
+    for (layer, i, w), w0 in zip(slices_of(model), before):
+        expected = 2.0 * layer.scaling * (layer.lora_B[i] @ layer.lora_A[i]).detach()
+        assert expected.norm() > 1e-3                       # the factors really moved
+        torch.testing.assert_close(w.detach() - w0, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_delta_lora_with_k_changes_w_by_rank_at_most_2r(tmp_path):
+    cfg = make_cfg("model=tiny-gpt2", "method=delta-lora", "method.start_steps=3",
+                   "method.update_ratio=1", "train.lr=1e-2", "method.rank=2", *SMALL,
+                   tmp_path=tmp_path)
+    task, model, method, trainer = build(cfg)
+    before = [w.detach().clone() for *_, w in slices_of(model)]
+    snaps = {}
+    orig = method.after_optimizer_step
+
+    def spy(step):
+        orig(step)
+        if step == 3:   # the factors as they are when the update starts (B_K A_K)
+            snaps.update({(id(l), i): (l.lora_B[i] @ l.lora_A[i]).detach().clone()
+                          for l, i, _ in slices_of(model)})
+    method.after_optimizer_step = spy
+    trainer.fit()
+    for (layer, i, w), w0 in zip(slices_of(model), before):
+        delta = w.detach() - w0
+        assert torch.linalg.matrix_rank(delta.double(), rtol=1e-6) <= 4
+        expected = layer.scaling * ((layer.lora_B[i] @ layer.lora_A[i]).detach() - snaps[(id(layer), i)])
+        torch.testing.assert_close(delta, expected, rtol=1e-4, atol=1e-6)
+        assert delta.norm() > 0
+
+
+def changed(before: dict, model) -> set[str]:
+    return {n for n, p in model.named_parameters() if n in before and not torch.equal(before[n], p)}
+
+
+@pytest.mark.parametrize("model_name", ["tiny-roberta", "tiny-gpt2"])
+@pytest.mark.parametrize("method", ["lora", "delta-lora", "dylora", "adalora", "ft", "ft-noembed", "ft-qv"])
+def test_exactly_the_intended_parameters_change(model_name, method, tmp_path):
+    extra = ["method.start_steps=0"] if method == "delta-lora" else []
+    cfg = make_cfg(f"model={model_name}", f"method={method}", *SMALL, *extra, tmp_path=tmp_path)
+    task, model, m, trainer = build(cfg)
+    before = snapshot(model)
+    trainer.fit()
+    moved = changed(before, model)
+    adapters = {n for n in before if "lora_" in n}
+    head = {n for n in before if n.startswith(("classifier.", "score."))}
+    embed = {n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight}
+    if method in ("lora", "dylora", "adalora"):
+        assert moved - adapters == head     # no pretrained weight moves
+        assert adapters and adapters & moved
+    if method == "delta-lora":
+        weights = {n for n in before if n.endswith(("query.base.weight", "value.base.weight",
+                                                    "c_attn.base.weight"))}
+        assert moved - adapters == head | weights and weights
+    if method == "ft":
+        assert moved == set(before)
+    if method == "ft-noembed":
+        assert moved == set(before) - embed and embed
+    if method == "ft-qv":
+        qv = {n for n in before if n.endswith(("query.weight", "value.weight", "c_attn.weight"))}
+        assert moved == head | qv
+        for name, module in model.named_modules():
+            if name.endswith("c_attn"):   # the k columns of GPT-2's fused projection stay put
+                h = module.weight.shape[0]
+                torch.testing.assert_close(module.weight[:, h:2 * h], before[name + ".weight"][:, h:2 * h],
+                                           rtol=0, atol=0)
+                assert not torch.equal(module.weight[:, :h], before[name + ".weight"][:, :h])
+
+
+def test_delta_lora_holds_no_optimizer_state_beyond_lora(tmp_path):
+    states = {}
+    for method in ("lora", "delta-lora"):
+        cfg = make_cfg("model=tiny-gpt2", f"method={method}", *SMALL, tmp_path=tmp_path / method)
+        task, model, m, trainer = build(cfg)
+        trainer.fit()
+        states[method] = sorted((tuple(v.shape) for s in trainer.optimizer.state.values()
+                                 for v in s.values()))
+        assert not any(p.requires_grad for l in lora_layers(model) for p in l.base.parameters())
+    assert states["lora"] == states["delta-lora"]
+
+
+def test_delta_lora_lambda_zero_equals_lora(tmp_path):
+    outs = {}
+    for method, extra in (("lora", []), ("delta-lora", ["method.update_ratio=0", "method.start_steps=0"])):
+        cfg = make_cfg("model=tiny-roberta", f"method={method}", *SMALL, *extra,
+                       tmp_path=tmp_path / method)
+        task, model, m, trainer = build(cfg)
+        trainer.fit()
+        outs[method] = snapshot(model)
+    for n, t in outs["lora"].items():
+        torch.testing.assert_close(outs["delta-lora"][n], t, rtol=0, atol=0)
+
+
+def test_adalora_total_rank_falls_to_target(tmp_path):
+    cfg = make_cfg("model=tiny-roberta", "method=adalora", "method.rank=4", "method.target_rank=2",
+                   "method.tinit=1", "method.tfinal=2", "method.delta_t=1", *SMALL,
+                   "train.epochs=2", tmp_path=tmp_path)
+    task, model, m, trainer = build(cfg)
+    n_modules = len([n for n, _ in model.named_parameters() if "lora_E" in n])
+    assert m.total_rank() == 4 * n_modules
+    trainer.fit()
+    assert trainer.step == 12
+    assert m.total_rank() == 2 * n_modules
+    alive = sum(int((p != 0).sum()) for n, p in model.named_parameters() if "lora_E" in n)
+    assert 0 < alive <= 2 * n_modules   # pruned singular values are really zeroed
+
+
+def test_adalora_regulariser_reaches_the_loss(tmp_path):
+    cfg = make_cfg("model=tiny-roberta", "method=adalora", *SMALL, tmp_path=tmp_path)
+    task, model, m, trainer = build(cfg)
+    reg = m.extra_loss(model)
+    assert reg is not None and reg.requires_grad and float(reg) > 0
+
+
+def test_dylora_trains_every_rank(tmp_path):
+    cfg = make_cfg("model=tiny-roberta", "method=dylora", "method.rank=4", *SMALL, "train.epochs=3",
+                   tmp_path=tmp_path)
+    task, model, m, trainer = build(cfg)
+    a0 = [a.detach().clone() for l in lora_layers(model) for a in l.lora_A]
+    b0 = [b.detach().clone() for l in lora_layers(model) for b in l.lora_B]
+    trainer.fit()
+    assert set(m.sampled) == {1, 2, 3, 4}
+    for a, before in zip([a for l in lora_layers(model) for a in l.lora_A], a0):
+        assert all(not torch.equal(a[k], before[k]) for k in range(4))
+    for b, before in zip([b for l in lora_layers(model) for b in l.lora_B], b0):
+        assert all(not torch.equal(b[:, k], before[:, k]) for k in range(4))
+
+
+def test_dylora_step_trains_only_the_sampled_row(tmp_path):
+    cfg = make_cfg("model=tiny-roberta", "method=dylora", "method.rank=4", *SMALL, tmp_path=tmp_path)
+    task, model, m, _ = build(cfg)
+    for l in lora_layers(model):
+        for b in l.lora_B:
+            torch.nn.init.normal_(b, std=0.02)
+    m.set_rank(3, frozen=True)
+    task.loss(model, task.collate(task.train_examples()[:8])).backward()
+    layer = lora_layers(model)[0]
+    g = layer.lora_A[0].grad
+    assert g[2].abs().sum() > 0 and g[[0, 1, 3]].abs().sum() == 0
+    assert layer.factors(0)[2] == layer.alpha / 3
+
+
+def test_gpt2_lora_adapts_q_and_v_slices_with_separate_factors(tmp_path):
+    cfg = make_cfg("model=tiny-gpt2", "method=lora", "method.rank=4", *SMALL, tmp_path=tmp_path)
+    task, model, m, _ = build(cfg)
+    layers = lora_layers(model)
+    assert len(layers) == 2 and all(len(l.lora_A) == 2 for l in layers)
+    h = model.config.n_embd
+    assert layers[0].slices == [(0, h), (2 * h, 3 * h)]
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == 2 * 2 * (4 * h + h * 4)
+
+
+def test_bad_values_are_rejected_before_training(tmp_path):
+    from deltalora_repro.run import validate
+    for override, word in (("method.rank=0", "rank"), ("method.lora_dropout=1.0", "lora_dropout")):
+        with pytest.raises(ConfigError, match=word):
+            validate(make_cfg("method=lora", override, tmp_path=tmp_path))
+    for override, word in (("method.update_ratio=-1", "update_ratio"), ("method.start_steps=-5", "start_steps")):
+        with pytest.raises(ConfigError, match=word):
+            validate(make_cfg("method=delta-lora", override, tmp_path=tmp_path))
