@@ -33,7 +33,11 @@ def git_state(root: Path = PROJECT_ROOT) -> dict:
         commit = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
+        # A copy without .git (e.g. shipped to a GPU machine): the launcher may say the commit.
+        commit = os.environ.get("DELTALORA_COMMIT")
+        dirty = os.environ.get("DELTALORA_DIRTY")
+        return {"commit": commit, "dirty": None if dirty is None else dirty == "1",
+                "source": "environment" if commit else None}
     return {"commit": commit, "dirty": dirty}
 
 

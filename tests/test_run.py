@@ -1,0 +1,135 @@
+"""End to end: run() writes a complete record and the weights, resumes exactly, exports a merged
+model; the command line rejects bad input before any work."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+
+from deltalora_repro import train as train_module
+from deltalora_repro.export import main as export_main
+from deltalora_repro.run import run
+
+from .conftest import GLUE, ROOT, SMALL, make_cfg, needs_glue
+
+pytestmark = needs_glue
+
+
+def small_cfg(tmp_path, *extra):
+    return make_cfg("model=tiny-roberta", *SMALL, "train.checkpoint=true", *extra, tmp_path=tmp_path)
+
+
+def test_run_writes_a_complete_record(tmp_path):
+    record = run(small_cfg(tmp_path, "method=delta-lora", "train.epochs=2"))
+    files = list((tmp_path / "results" / "records" / "glue" / "rte" / "tiny-roberta" / "delta-lora").glob("*.json"))
+    assert len(files) == 1
+    on_disk = json.loads(files[0].read_text())
+    assert on_disk["run_id"] == record["run_id"] and on_disk["status"] == "completed"
+    for key in ("config", "metrics", "params", "git", "versions", "machine", "command",
+                "wall_time_s", "train_time_s", "peak_rss_bytes", "seed", "data"):
+        assert key in on_disk, key
+    assert [e["epoch"] for e in on_disk["metrics"]["evals"]] == [1, 2]
+    assert on_disk["metrics"]["best"]["accuracy"] == max(e["accuracy"] for e in on_disk["metrics"]["evals"])
+    assert on_disk["params"]["extra_updated"] == 2 * 2 * 64 * 64   # Wq, Wv of 2 layers, 64x64
+    assert on_disk["config"]["method"]["update_ratio"] == 0.5
+    assert on_disk["data"]["train"]["rows_used"] == 48
+    weights = load_file(str(tmp_path / "out" / "weights.safetensors"))
+    assert any("lora_A" in k for k in weights) and any(k.endswith("query.base.weight") for k in weights)
+    assert not any("word_embeddings" in k for k in weights)   # unchanged tensors are not saved
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = run(small_cfg(tmp_path / "a", "method=delta-lora", "method.start_steps=2",
+                             "train.epochs=2"))
+    original = train_module.Trainer.evaluate
+    calls = {"n": 0}
+
+    def crash_in_second_epoch(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated crash")
+        return original(self)
+
+    train_module.Trainer.evaluate = crash_in_second_epoch
+    try:
+        with pytest.raises(RuntimeError, match="simulated"):
+            run(small_cfg(tmp_path / "b", "method=delta-lora", "method.start_steps=2", "train.epochs=2"))
+    finally:
+        train_module.Trainer.evaluate = original
+    failed = list((tmp_path / "b" / "results").rglob("*.json"))
+    assert len(failed) == 1 and json.loads(failed[0].read_text())["status"] == "failed"
+    resumed = run(make_cfg("model=tiny-roberta", *SMALL, "method=delta-lora", "method.start_steps=2",
+                           "train.epochs=2", f"resume={tmp_path / 'b' / 'out'}",
+                           tmp_path=tmp_path / "c"))
+    assert resumed["resumed_from"]["epoch"] == 1
+    a = load_file(str(tmp_path / "a" / "out" / "weights.safetensors"))
+    c = load_file(str(tmp_path / "c" / "out" / "weights.safetensors"))
+    assert a.keys() == c.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], c[k], rtol=0, atol=0)
+    assert resumed["metrics"]["evals"] == straight["metrics"]["evals"]
+
+
+@pytest.mark.parametrize("method", ["delta-lora", "adalora"])
+def test_export_merges_into_a_plain_model(tmp_path, method):
+    from deltalora_repro.export import load_trained
+    record = run(small_cfg(tmp_path, f"method={method}", "method.start_steps=0"
+                           if method == "delta-lora" else "seed=1"))
+    model, tok, _ = load_trained(tmp_path / "out")
+    model.eval()
+    batch = tok(["A first sentence.", "And another one here."], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**batch).logits
+    assert export_main([str(tmp_path / "out"), str(tmp_path / "export")]) == 0
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "export").eval()
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**batch).logits, expected, rtol=1e-4, atol=1e-5)
+    # Refuses to overwrite.
+    assert export_main([str(tmp_path / "out"), str(tmp_path / "export")]) == 2
+    assert record["status"] == "completed"
+
+
+def cli(*args, env_extra=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "deltalora_repro", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_unknown_method_lists_choices(tmp_path):
+    out = cli("method=nope", f"results_dir={tmp_path}")
+    assert out.returncode != 0
+    assert "delta-lora" in out.stderr and "adalora" in out.stderr
+    assert not list(tmp_path.rglob("*.json"))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("method.rank=0", "method.rank must be a positive integer"),
+    ("method.lora_dropout=1.5", "method.lora_dropout must be in [0, 1)"),
+    ("data_dir=/nonexistent/glue", "data_dir '/nonexistent/glue' is not a directory"),
+])
+def test_cli_bad_values_exit_before_work(tmp_path, override, message):
+    out = cli("model=tiny-roberta", override, f"results_dir={tmp_path}", f"data_dir={GLUE}"
+              if not override.startswith("data_dir") else override)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr
+    assert not list(tmp_path.rglob("*.json"))
+
+
+def test_cli_missing_data_file_and_offline_hub(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = cli("model=tiny-roberta", f"data_dir={empty}", f"results_dir={tmp_path}")
+    assert out.returncode == 2 and "RTE" in out.stderr
+    out = cli("model=roberta-base", f"data_dir={GLUE}", f"results_dir={tmp_path}",
+              "task.train_max_examples=8", "train.epochs=1",
+              env_extra={"HF_HOME": str(tmp_path / "hf")})
+    assert out.returncode == 2
+    assert "cannot load model 'roberta-base'" in out.stderr and "HF_HUB_OFFLINE" in out.stderr
+    assert not list(tmp_path.rglob("records/**/*.json"))
