@@ -208,8 +208,19 @@ class DeltaUpdater:
                 )
             conv = isinstance(layer.base, Conv1D)
             self.entries.append((layer, i, layer.base.weight, site, conv))
-        self.prev_a = [layer.lora_A[i].detach().clone() for layer, i, *_ in self.entries]
-        self.prev_b = [layer.lora_B[i].detach().clone() for layer, i, *_ in self.entries]
+        # The factors after the previous optimizer step live as buffers of their layer, so they
+        # follow the model across .to(device) and into its state_dict (exact resume).
+        for layer, i, *_ in self.entries:
+            layer.register_buffer(f"prev_A{i}", layer.lora_A[i].detach().clone())
+            layer.register_buffer(f"prev_B{i}", layer.lora_B[i].detach().clone())
+
+    @property
+    def prev_a(self) -> list[torch.Tensor]:
+        return [getattr(layer, f"prev_A{i}") for layer, i, *_ in self.entries]
+
+    @property
+    def prev_b(self) -> list[torch.Tensor]:
+        return [getattr(layer, f"prev_B{i}") for layer, i, *_ in self.entries]
 
     def current(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         return ([layer.lora_A[i].detach() for layer, i, *_ in self.entries],
@@ -235,13 +246,6 @@ class DeltaUpdater:
                     weight[site.start:site.stop].addmm_(left, right, alpha=coef)
         torch._foreach_copy_(self.prev_a, cur_a)
         torch._foreach_copy_(self.prev_b, cur_b)
-
-    def state_dict(self) -> dict:
-        return {"prev_a": [t.cpu() for t in self.prev_a], "prev_b": [t.cpu() for t in self.prev_b]}
-
-    def load_state_dict(self, state: dict) -> None:
-        torch._foreach_copy_(self.prev_a, [t.to(p.device) for t, p in zip(state["prev_a"], self.prev_a)])
-        torch._foreach_copy_(self.prev_b, [t.to(p.device) for t, p in zip(state["prev_b"], self.prev_b)])
 
     def numel_updated(self) -> int:
         return sum((site.stop - site.start) * layer.lora_A[i].shape[1]

@@ -229,3 +229,13 @@ def test_bad_values_are_rejected_before_training(tmp_path):
     for override, word in (("method.update_ratio=-1", "update_ratio"), ("method.start_steps=-5", "start_steps")):
         with pytest.raises(ConfigError, match=word):
             validate(make_cfg("method=delta-lora", override, tmp_path=tmp_path))
+
+
+def test_delta_lora_state_follows_the_model(tmp_path):
+    """The previous factors are buffers of their layer: moved by .to() and saved with the model."""
+    cfg = make_cfg("model=tiny-roberta", "method=delta-lora", *SMALL, tmp_path=tmp_path)
+    task, model, m, _ = build(cfg)
+    keys = [k for k in model.state_dict() if ".prev_A" in k or ".prev_B" in k]
+    assert len(keys) == 2 * len(m.updater.entries)
+    model.to(torch.float64)
+    assert all(t.dtype == torch.float64 for t in m.updater.prev_a + m.updater.prev_b)

@@ -43,9 +43,3 @@ class DeltaLoRA(LoRA):
     def changed_base_params(self, model: nn.Module) -> list[str]:
         names = {id(p): n for n, p in model.named_parameters()}
         return sorted({names[id(layer.base.weight)] for layer, *_ in self.sites})
-
-    def state_dict(self) -> dict:
-        return {"updater": self.updater.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.updater.load_state_dict(state["updater"])
