@@ -307,9 +307,12 @@ def _cell(values: Sequence[float], paper: float | None) -> str:
 
 
 def _count(n: float) -> str:
+    """In the paper's unit: its counts are in units of 2**20 (LoRA on RoBERTa-base, 294,912
+    parameters, is printed 0.28M; Delta-LoRA's 14,155,776 updated elements, 13.5M)."""
     if n == 0:
         return "0"
-    return f"{n / 1e6:.3f}M" if n < 1e6 else f"{n / 1e6:.2f}M"
+    m = n / 2**20
+    return f"{m:.3f}M" if m < 1 else f"{m:.2f}M"
 
 
 def _params_cell(used: Sequence[Record], key: str, paper: str | None) -> str:
@@ -407,7 +410,7 @@ def _legend(spec: TableSpec) -> str:
     if spec.average:
         text += f" AVG: mean of the {len(spec.columns)} task medians, only when all are present."
     if "params" in spec.paper:
-        text += " Parameter counts: ours (a range when runs differ, e.g. GLUE heads), then the paper's."
+        text += " Parameter counts (M = 2^20, as the paper counts): ours (a range when runs differ, e.g. GLUE heads), then the paper's."
     reference = [LABELS.get(key, key) for key, matcher in spec.rows.items() if matcher is None]
     if reference:
         text += f" {', '.join(reference)}: the paper quotes it; no run of ours belongs there."

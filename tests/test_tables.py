@@ -174,7 +174,7 @@ def test_table4_cells(tmp_path: Path) -> None:
     assert delta[header.index("RTE")] == "86.64 (paper 87.00, n=3, sd 0.95)"
     assert delta[header.index("MNLI")] == "– (paper 87.50)"
     assert delta[header.index("AVG")] == "– (paper 87.38)"  # not all 8 tasks ran
-    assert delta[:2] == ["0.295M (paper 0.28M)", "14.16M (paper 13.5M)"]
+    assert delta[:2] == ["0.281M (paper 0.28M)", "13.50M (paper 13.5M)"]
 
     lora = _cells(md, "LoRA")
     assert lora[header.index("RTE")] == "80.00 (paper 86.64)"  # one seed: no n, no sd
@@ -253,9 +253,9 @@ def _e2e(method: str, bleu: float, lr: float = 2e-4, **method_cfg: float) -> dic
 
 def test_e2e_runs_land_in_their_tables() -> None:
     records = [
-        _e2e("delta-lora", 0.7084, update_ratio=2, start_steps=500, dropout=0.0),
+        _e2e("delta-lora", 0.7084, update_ratio=2, start_steps=500, lora_dropout=0.0),
         _e2e("delta-lora", 0.6900, update_ratio=3, start_steps=500),
-        _e2e("delta-lora", 0.7000, update_ratio=2, start_steps=500, dropout=0.1),
+        _e2e("delta-lora", 0.7000, update_ratio=2, start_steps=500, lora_dropout=0.1),
         _e2e("lora", 0.6960),
         _e2e("lora", 0.6963, lr=6e-4),
     ]
