@@ -152,6 +152,11 @@ def load_backbone(model_cfg: Any, head: str, num_labels: int | None = None,
     return model, tok, applied
 
 
+def canonical_name(name: str) -> str:
+    """A parameter's name without PEFT's wrapping (base_model.model., modules_to_save.default.)."""
+    return name.removeprefix("base_model.model.").replace("modules_to_save.default.", "")
+
+
 def head_prefixes(model) -> list[str]:
     """Parameter-name prefixes of a newly initialised task head (trained fully by every method)."""
     base = model.base_model_prefix

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from . import records
 from .errors import ConfigError, DataError
 from .methods import METHODS, build_method
-from .models import head_prefixes, load_backbone
+from .models import canonical_name, head_prefixes, load_backbone
 from .tasks.base import build_task
 from .train import Trainer, save_checkpoint, total_steps
 
@@ -139,7 +139,7 @@ def run(cfg: Any) -> dict:
         record["params"] = {
             "trainable": method.trainable_numel(model),
             "head": sum(p.numel() for n, p in model.named_parameters()
-                        if p.requires_grad and any(n.startswith(h) for h in heads)),
+                        if p.requires_grad and canonical_name(n).startswith(tuple(heads))),
             "extra_updated": method.extra_updated(),
             "total": sum(p.numel() for p in model.parameters()),
         }

@@ -94,6 +94,7 @@ def test_export_merges_into_a_plain_model(tmp_path, method):
     # Refuses to overwrite.
     assert export_main([str(tmp_path / "out"), str(tmp_path / "export")]) == 2
     assert record["status"] == "completed"
+    assert record["params"]["head"] == 64 * 64 + 64 + 64 * 2 + 2   # classifier dense + out_proj
 
 
 def cli(*args, env_extra=None):
