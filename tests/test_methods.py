@@ -239,3 +239,35 @@ def test_delta_lora_state_follows_the_model(tmp_path):
     assert len(keys) == 2 * len(m.updater.entries)
     model.to(torch.float64)
     assert all(t.dtype == torch.float64 for t in m.updater.prev_a + m.updater.prev_b)
+
+
+def test_delta_lora_updates_once_per_optimizer_step_under_accumulation(tmp_path):
+    """Two micro-batches per step: W moves once per optimizer step and still telescopes."""
+    cfg = make_cfg("model=tiny-gpt2", "method=delta-lora", "method.start_steps=0", "train.lr=1e-2",
+                   "train.grad_accum=2", *SMALL, tmp_path=tmp_path)
+    task, model, method, trainer = build(cfg)
+    calls = []
+    orig = method.updater.step
+    method.updater.step = lambda s: (calls.append(s), orig(s))
+    before = [w.detach().clone() for *_, w in slices_of(model)]
+    trainer.fit()
+    assert calls == [1, 2, 3]            # 48 rows / (8 x 2) = 3 optimizer steps
+    for (layer, i, w), w0 in zip(slices_of(model), before):
+        expected = 0.5 * layer.scaling * (layer.lora_B[i] @ layer.lora_A[i]).detach()
+        torch.testing.assert_close(w.detach() - w0, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_delta_lora_keeps_w_float32_under_bf16_autocast(tmp_path):
+    from omegaconf import OmegaConf
+    from deltalora_repro.train import Trainer
+    cfg = make_cfg("model=tiny-roberta", "method=delta-lora", "method.start_steps=0", "train.lr=1e-2",
+                   *SMALL, tmp_path=tmp_path)
+    task, model, method, _ = build(cfg)
+    trainer = Trainer(model, method, task, OmegaConf.merge(cfg.train, {"precision": "bf16"}),
+                      torch.device("cpu"), 0, 6)
+    before = [w.detach().clone() for *_, w in slices_of(model)]
+    trainer.fit()
+    for (layer, i, w), w0 in zip(slices_of(model), before):
+        assert w.dtype == torch.float32
+        expected = 0.5 * layer.scaling * (layer.lora_B[i] @ layer.lora_A[i]).detach()
+        torch.testing.assert_close(w.detach() - w0, expected, rtol=1e-4, atol=1e-6)

@@ -134,3 +134,26 @@ def test_cli_missing_data_file_and_offline_hub(tmp_path):
     assert out.returncode == 2
     assert "cannot load model 'roberta-base'" in out.stderr and "HF_HUB_OFFLINE" in out.stderr
     assert not list(tmp_path.rglob("records/**/*.json"))
+
+
+@pytest.mark.parametrize("task,metric", [("glue/sst2", "accuracy"), ("glue/cola", "matthews_correlation"),
+                                         ("glue/stsb", "pearson"), ("glue/mrpc", "accuracy")])
+def test_every_local_glue_task_runs(tmp_path, task, metric):
+    cfg = make_cfg("model=tiny-roberta", "method=lora", *SMALL, f"task={task}", tmp_path=tmp_path)
+    record = run(cfg)
+    assert record["metrics"]["primary"] == metric
+    assert -1.0 <= record["metrics"]["best"][metric] <= 1.0
+    if task == "glue/stsb":
+        assert "spearman" in record["metrics"]["best"]
+    if task == "glue/mrpc":   # without GLUE's dev ids the record says what was evaluated
+        assert "MSRP test" in record["data"]["validation"]["note"] or "msr" in record["data"]["validation"]["note"].lower()
+
+
+def test_cli_multirun_writes_one_record_per_job(tmp_path):
+    out = cli("-m", "model=tiny-roberta", "method=lora,delta-lora", f"data_dir={GLUE}",
+              "task.train_max_examples=16", "task.eval_max_examples=16", "task.max_length=32",
+              "train.epochs=1", "train.batch_size=8", f"results_dir={tmp_path}", "save_weights=false",
+              f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    methods = sorted(json.loads(p.read_text())["method"] for p in tmp_path.rglob("records/**/*.json"))
+    assert methods == ["delta-lora", "lora"]
