@@ -98,7 +98,8 @@ def test_sst2_real() -> None:
     # GLUE keeps the tokenised text with its trailing space; so does the hub, so we keep it too.
     first = {"text_a": "it 's a charming and often affecting journey . ", "text_b": None, "label": 1}
     assert dev.rows[0] == first
-    assert dev.source == f"{GLUE_DIR / 'SST-2' / 'dev.tsv'} (872 rows)"
+    path, _, count = dev.source.partition(" (")
+    assert Path(path).resolve() == (GLUE_DIR / "SST-2" / "dev.tsv").resolve() and count == "872 rows)"
     _check_rows(dev, {0, 1}, pair=False)
     assert len(load_glue_split("sst2", "train", GLUE_DIR).rows) == 67349
 
