@@ -80,6 +80,17 @@ def save_weights(model, method, path: Path) -> list[str]:
     return sorted(names)
 
 
+def _keep_predictions(output_dir: Path, results_dir: Path, cfg: Any, run_id: str) -> str | None:
+    """Copy the decoded test outputs next to the records, so every score can be recomputed."""
+    src = output_dir / "predictions.jsonl"
+    if not src.is_file():
+        return None
+    dst = results_dir / "predictions" / cfg.task.name / cfg.model.name / cfg.method.name / f"{run_id}.jsonl"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(src.read_bytes())
+    return str(dst.relative_to(results_dir))
+
+
 def peak_memory(device: torch.device) -> dict:
     out = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if device.type == "cuda":
@@ -150,9 +161,16 @@ def run(cfg: Any) -> dict:
             torch.cuda.synchronize(device)
         record["train_time_s"] = time.perf_counter() - t_train
         primary = task.metric
-        best = max(trainer.evals, key=lambda e: e[primary])
-        record["metrics"] = {"primary": primary, "evals": trainer.evals, "best": best,
-                             "final": trainer.evals[-1]}
+        pick = max if task.metric_mode == "max" else min
+        best = pick(trainer.evals, key=lambda e: e[primary])
+        method.eval_settings()[0][1]()                # the reported setting (DyLoRA: full rank)
+        t_test = time.perf_counter()
+        test_metrics = task.test(model, device, output_dir)
+        if test_metrics:
+            record["test_time_s"] = time.perf_counter() - t_test
+            record["predictions"] = _keep_predictions(output_dir, results_dir, cfg, run_id)
+        record["metrics"] = {"primary": primary, "mode": task.metric_mode, "evals": trainer.evals,
+                             "best": best, "final": {**trainer.evals[-1], **test_metrics}}
         if cfg.save_weights:
             record["weights"] = {"path": str(output_dir / "weights.safetensors"),
                                  "tensors": len(save_weights(model, method,

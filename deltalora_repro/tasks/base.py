@@ -12,7 +12,8 @@ class Task:
     """A task family: loads its splits, builds batches, computes its loss and its metrics."""
 
     head = "classification"       # which model head: classification | causal-lm | seq2seq
-    metric = ""                   # primary metric key, maximised for the best epoch
+    metric = ""                   # primary per-epoch metric key, selects the best epoch
+    metric_mode = "max"           # "max" (accuracy) or "min" (validation loss)
 
     def __init__(self, cfg: Any, data_dir: str | None):
         self.cfg = cfg
@@ -41,6 +42,10 @@ class Task:
     def evaluate(self, model, device, batch_size: int) -> dict[str, float]:
         raise NotImplementedError
 
+    def test(self, model, device, output_dir) -> dict:
+        """After training: the task's final evaluation (decoding + official scores for NLG)."""
+        return {}
+
     def describe(self) -> dict:
         """Provenance of the data, for the run record."""
         return {}
@@ -53,7 +58,8 @@ def pad_to(length: int, multiple: int) -> int:
 
 def build_task(cfg: Any, data_dir: str | None) -> Task:
     from .glue import GlueTask
-    families = {"glue": GlueTask}
+    from .nlg import E2ETask, WebNLGTask
+    families = {"glue": GlueTask, "e2e": E2ETask, "webnlg": WebNLGTask}
     if cfg.family not in families:
         raise ConfigError(f"task family {cfg.family!r} is not available; valid: {sorted(families)}")
     return families[cfg.family](cfg, data_dir)

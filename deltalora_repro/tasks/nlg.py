@@ -1,0 +1,157 @@
+"""Data-to-text with decoder-only models: E2E (Table 1) and WebNLG 2017 (Table 2).
+
+Layout and loss as in the LoRA repository's NLG pipeline, which the paper follows (PROTOCOL.md §4):
+each training sequence is `context <eos> ␠reference <eos>`, and the loss covers only the reference
+tokens and the final end token. After training, every distinct test input is decoded once with
+beam search (decoding.py) and the outputs are scored with the official metric definitions.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..decoding import BeamConfig, beam_search
+from .base import Task, pad_to
+
+log = logging.getLogger(__name__)
+
+
+class NLGTask(Task):
+    head = "causal-lm"
+    metric = "val_loss"
+    metric_mode = "min"
+
+    # -- data -------------------------------------------------------------------------------------
+    def _load(self, split: str):
+        raise NotImplementedError
+
+    def load(self) -> None:
+        self.splits = {name: self._load(name) for name in ("train", "validation", "test")}
+        self.rows = {
+            "train": self.splits["train"].examples[:self.cfg.get("train_max_examples")],
+            "validation": self.splits["validation"].examples[:self.cfg.get("eval_max_examples")],
+        }
+        from .e2e_data import group_references
+        groups = group_references(self.splits["test"].examples)
+        self.test_groups = groups[:self.cfg.get("test_max_groups")]
+
+    def describe(self) -> dict:
+        out = {name: {"source": s.source, "rows_used": len(self.rows.get(name, s.examples))}
+               for name, s in self.splits.items()}
+        out["test"]["groups_decoded"] = len(self.test_groups)
+        return out
+
+    # -- tokenisation -----------------------------------------------------------------------------
+    def end_token_ids(self) -> tuple[int, ...]:
+        """The tokenizer's end token, and "\\n\\n" when it is a single token (GPT-2: 628)."""
+        ids = {self.tokenizer.eos_token_id}
+        nn_ids = self.tokenizer.encode("\n\n", add_special_tokens=False)
+        if len(nn_ids) == 1:
+            ids.add(nn_ids[0])
+        return tuple(sorted(ids))
+
+    def encode_context(self, context: str) -> list[int]:
+        return self.tokenizer.encode(context, add_special_tokens=False) + [self.tokenizer.eos_token_id]
+
+    def _encode(self, ex) -> dict:
+        ctx = self.encode_context(ex.context)
+        ref = self.tokenizer.encode(" " + ex.reference, add_special_tokens=False) + [
+            self.tokenizer.eos_token_id]
+        ids = (ctx + ref)[:self.cfg.max_length]
+        return {"input_ids": ids, "n_context": len(ctx)}
+
+    def prepare(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.encoded = {name: [self._encode(ex) for ex in rows] for name, rows in self.rows.items()}
+
+    def train_examples(self) -> list[dict]:
+        return self.encoded["train"]
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        length = pad_to(max(len(e["input_ids"]) for e in examples), self.cfg.pad_to_multiple_of)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(examples), length), pad, dtype=torch.long)
+        mask = torch.zeros((len(examples), length), dtype=torch.long)
+        labels = torch.full((len(examples), length), -100, dtype=torch.long)
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            ids[i, :n] = torch.tensor(e["input_ids"])
+            mask[i, :n] = 1
+            # Loss on the reference and its end token only (not the context or the separator).
+            labels[i, e["n_context"]:n] = ids[i, e["n_context"]:n]
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def loss(self, model, batch) -> torch.Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                               ignore_index=-100,
+                               label_smoothing=float(self.cfg.hparams.get("label_smoothing", 0.0)))
+
+    @torch.no_grad()
+    def evaluate(self, model, device, batch_size: int) -> dict[str, float]:
+        """Per-epoch: token-level loss on the validation references (cheap; decoding is for test)."""
+        total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+        data = self.encoded["validation"]
+        for i in range(0, len(data), batch_size):
+            batch = {k: v.to(device) for k, v in self.collate(data[i:i + batch_size]).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]
+            total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                     ignore_index=-100, reduction="sum")
+            count += (labels != -100).sum()
+        loss = float(total / count)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+    # -- test: decode every distinct input once, then score ----------------------------------------
+    def beam_config(self) -> BeamConfig:
+        d = self.cfg.decoding
+        return BeamConfig(num_beams=d.num_beams, length_penalty=d.length_penalty,
+                          no_repeat_ngram_size=d.no_repeat_ngram_size,
+                          max_new_tokens=d.max_new_tokens, end_token_ids=self.end_token_ids())
+
+    @torch.no_grad()
+    def decode(self, model, contexts: list[str]) -> list[str]:
+        prompts = [self.encode_context(c) for c in contexts]
+        outs = beam_search(model, prompts, self.beam_config(), pad_token_id=self.tokenizer.pad_token_id,
+                           batch_size=self.cfg.decoding.batch_size)
+        return [self.tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
+
+    def score(self, predictions: list[str]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def test(self, model, device, output_dir: Path | None) -> dict:
+        model.eval()
+        contexts = [ex.context for ex, _ in self.test_groups]
+        predictions = self.decode(model, contexts)
+        if output_dir is not None:
+            (output_dir / "predictions.txt").write_text("\n".join(predictions), encoding="utf-8")
+            with open(output_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
+                for (ex, refs), pred in zip(self.test_groups, predictions):
+                    f.write(json.dumps({"context": ex.context, "prediction": pred,
+                                        "references": refs}) + "\n")
+        return self.score(predictions)
+
+
+class E2ETask(NLGTask):
+    def _load(self, split):
+        from .e2e_data import load_e2e
+        return load_e2e(split, self.data_dir)
+
+    def score(self, predictions):
+        from ..metrics.e2e import e2e_metrics
+        return e2e_metrics(predictions, [refs for _, refs in self.test_groups])
+
+
+class WebNLGTask(NLGTask):
+    def _load(self, split):
+        from .webnlg_data import load_webnlg
+        return load_webnlg(split, self.data_dir)
+
+    def score(self, predictions):
+        from ..metrics.webnlg import webnlg_scores
+        return webnlg_scores(predictions, self.test_groups)
