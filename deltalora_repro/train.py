@@ -69,6 +69,14 @@ class Trainer:
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(
             cfg.warmup_ratio * n_total_steps)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, n_total_steps)
+        # Fast path (train.compile): forward + backward through torch.compile. Batches are padded
+        # to buckets, so with mode=reduce-overhead each bucket gets one CUDA graph. The plain path
+        # stays the reference; tests/test_fast_path.py checks both give the same numbers.
+        self.loss_fn = task.loss
+        if cfg.get("compile", False):
+            self.loss_fn = torch.compile(task.loss, backend=cfg.compile_backend,
+                                         mode=cfg.compile_mode if cfg.compile_backend == "inductor" else None,
+                                         dynamic=cfg.compile_dynamic)
         # The data order depends on the seed alone and is restored on resume.
         self.generator = torch.Generator().manual_seed(seed)
         self.step = 0          # optimizer steps done
@@ -124,7 +132,7 @@ class Trainer:
                     self.method.on_step_start(self.step)
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with autocast(device, cfg.precision):
-                    loss = self.task.loss(model, batch)
+                    loss = self.loss_fn(model, batch)
                     extra = self.method.extra_loss(model)
                     if extra is not None:
                         loss = loss + extra
