@@ -121,6 +121,7 @@ class Trainer:
     def fit(self, on_epoch_end: Callable[["Trainer"], None] | None = None) -> None:
         cfg, model, device = self.cfg, self.model, self.device
         examples = self.task.train_examples()
+        self.method.on_train_start(device, cfg)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         running = torch.zeros((), device=device)

@@ -26,6 +26,9 @@ class Method:
         """Freeze/unfreeze parameters and insert modules; return the model to train."""
         raise NotImplementedError
 
+    def on_train_start(self, device: "torch.device", train_cfg: Any) -> None:
+        """Once the model is on its device, before the first step (fast-path set-up)."""
+
     # -- around each optimizer step ---------------------------------------------------------------
     def on_step_start(self, step: int) -> None:
         """Before the first micro-batch of optimizer step `step` (0-based)."""

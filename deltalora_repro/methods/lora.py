@@ -34,6 +34,10 @@ class DeltaLoRA(LoRA):
         self.updater = DeltaUpdater(self.sites, self.cfg.update_ratio, self.cfg.start_steps)
         return model
 
+    def on_train_start(self, device, train_cfg) -> None:
+        if device.type == "cuda" and train_cfg.get("graph_update", True):
+            self.updater.capture_cuda_graphs()
+
     def after_optimizer_step(self, step: int) -> None:
         self.updater.step(step)
 
