@@ -33,12 +33,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int) -> int:
-    return math.ceil(math.ceil(n_examples / batch_size) / grad_accum)
-
-
 def total_steps(cfg: Any, n_examples: int) -> int:
-    per_epoch = steps_per_epoch(n_examples, cfg.batch_size, cfg.grad_accum)
+    """Optimizer steps of the run: one per `batch_size` examples (the last batch may be short)."""
+    per_epoch = math.ceil(n_examples / cfg.batch_size)
     total = per_epoch * cfg.epochs
     return min(total, cfg.max_steps) if cfg.max_steps else total
 
@@ -103,10 +100,36 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
     # -- the loop ------------------------------------------------------------------------------------
-    def batches(self, examples: list[dict]):
+    def step_batches(self, examples: list[dict]):
+        """One list of micro-batches per optimizer step, in a seeded random order."""
         order = torch.randperm(len(examples), generator=self.generator).tolist()
-        for i in range(0, len(order), self.micro_batch):
-            yield self.task.collate([examples[j] for j in order[i:i + self.micro_batch]])
+        for i in range(0, len(order), self.cfg.batch_size):
+            chunk = order[i:i + self.cfg.batch_size]
+            yield [self.task.collate([examples[j] for j in chunk[k:k + self.micro_batch]])
+                   for k in range(0, len(chunk), self.micro_batch)]
+
+    def train_step(self, micro_batches: list[dict]) -> torch.Tensor:
+        """One optimizer step; returns the loss as a device tensor (never read here: no sync)."""
+        cfg, model, device = self.cfg, self.model, self.device
+        self.method.on_step_start(self.step)
+        total = torch.zeros((), device=device)
+        for batch in micro_batches:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with autocast(device, cfg.precision):
+                loss = self.loss_fn(model, batch)
+                extra = self.method.extra_loss(model)
+                if extra is not None:
+                    loss = loss + extra
+            (loss / len(micro_batches)).backward()
+            total += loss.detach() / len(micro_batches)
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm, foreach=True)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.method.after_optimizer_step(self.step)   # e.g. Delta-LoRA's W update
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
 
     def evaluate(self) -> dict:
         self.model.eval()
@@ -118,37 +141,23 @@ class Trainer:
         self.model.train()
         return results
 
+    def start(self) -> None:
+        """Set-up that needs the model on its device (idempotent)."""
+        if not getattr(self, "_started", False):
+            self.params = [p for p in self.model.parameters() if p.requires_grad]
+            self.method.on_train_start(self.device, self.cfg)
+            self._started = True
+
     def fit(self, on_epoch_end: Callable[["Trainer"], None] | None = None) -> None:
-        cfg, model, device = self.cfg, self.model, self.device
+        cfg = self.cfg
         examples = self.task.train_examples()
-        self.method.on_train_start(device, cfg)
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        running = torch.zeros((), device=device)
+        self.start()
+        self.model.train()
+        running = torch.zeros((), device=self.device)
         t_log, n_log = time.perf_counter(), 0
         while self.epoch < cfg.epochs and self.step < self.total_steps:
-            micro = 0
-            for batch in self.batches(examples):
-                if micro % cfg.grad_accum == 0:
-                    self.method.on_step_start(self.step)
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                with autocast(device, cfg.precision):
-                    loss = self.loss_fn(model, batch)
-                    extra = self.method.extra_loss(model)
-                    if extra is not None:
-                        loss = loss + extra
-                (loss / cfg.grad_accum).backward()
-                running += loss.detach() / cfg.grad_accum
-                micro += 1
-                if micro % cfg.grad_accum:
-                    continue
-                if cfg.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.step += 1
-                self.method.after_optimizer_step(self.step)
-                self.optimizer.zero_grad(set_to_none=True)
+            for micro_batches in self.step_batches(examples):
+                running += self.train_step(micro_batches)
                 n_log += 1
                 if self.step % cfg.log_every == 0:
                     # The only host synchronisation in the loop, once every log_every steps.
