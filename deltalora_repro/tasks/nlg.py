@@ -119,7 +119,9 @@ class NLGTask(Task):
         prompts = [self.encode_context(c) for c in contexts]
         outs = beam_search(model, prompts, self.beam_config(), pad_token_id=self.tokenizer.pad_token_id,
                            batch_size=self.cfg.decoding.batch_size)
-        return [self.tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
+        # As the LoRA repository's decode step: the text before the first end marker, stripped.
+        texts = [self.tokenizer.decode(o, skip_special_tokens=True) for o in outs]
+        return [t.split("\n\n")[0].strip() for t in texts]
 
     def score(self, predictions: list[str]) -> dict[str, float]:
         raise NotImplementedError
