@@ -135,7 +135,12 @@ class NLGTask(Task):
             with open(output_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
                 for (ex, refs), pred in zip(self.test_groups, predictions):
                     f.write(json.dumps({"context": ex.context, "prediction": pred,
-                                        "references": refs}) + "\n")
+                                        "references": refs, "group": ex.group,
+                                        "seen": ex.seen}) + "\n")
+        if not self.cfg.get("score", True):
+            # Decoded on a machine without Java (METEOR, PTB tokenizer): score later from the
+            # kept predictions with `python -m deltalora_repro.score record=...`.
+            return {}
         return self.score(predictions)
 
 
