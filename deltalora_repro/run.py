@@ -166,9 +166,12 @@ def run(cfg: Any) -> dict:
         method.eval_settings()[0][1]()                # the reported setting (DyLoRA: full rank)
         t_test = time.perf_counter()
         test_metrics = task.test(model, device, output_dir)
-        if test_metrics:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        predictions = _keep_predictions(output_dir, results_dir, cfg, run_id)
+        if predictions is not None:
             record["test_time_s"] = time.perf_counter() - t_test
-            record["predictions"] = _keep_predictions(output_dir, results_dir, cfg, run_id)
+            record["predictions"] = predictions
         record["metrics"] = {"primary": primary, "mode": task.metric_mode, "evals": trainer.evals,
                              "best": best, "final": {**trainer.evals[-1], **test_metrics}}
         if cfg.save_weights:

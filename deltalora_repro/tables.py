@@ -60,7 +60,22 @@ def scan_records(results_dir: Path) -> LoadedRecords:
         if missing:
             raise RecordError(f"malformed run record {path}: missing keys {missing}")
         completed.append(record)
+    _merge_scores(Path(results_dir), completed)
     return LoadedRecords(completed, skipped)
+
+
+def _merge_scores(results_dir: Path, completed: list[Record]) -> None:
+    """Scores computed after the run (`python -m deltalora_repro.score_run`) join its final
+    metrics; the run record on disk is never changed."""
+    by_id = {r["run_id"]: r for r in completed}
+    for path in sorted((results_dir / "scores").rglob("*.json")):
+        score = json.loads(path.read_text(encoding="utf-8"))
+        run = by_id.get(score.get("run_id"))
+        if run is None:
+            continue
+        final = run.setdefault("metrics", {}).setdefault("final", {})
+        final.update(score["metrics"])
+        run["scored_by"] = {"path": str(path), "commit": score.get("git", {}).get("commit")}
 
 
 def load_records(results_dir: Path) -> list[Record]:
