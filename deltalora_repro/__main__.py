@@ -4,6 +4,7 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from .errors import ConfigError, DataError
@@ -20,10 +21,18 @@ def main(cfg: DictConfig) -> float | None:
         cfg.experiment_name = hc.runtime.choices.get("experiment")
     try:
         record = run(cfg)
-    except (ConfigError, DataError) as e:
-        # Bad input: a clear message and a non-zero exit, no traceback.
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as e:
+        if hc.mode == RunMode.MULTIRUN:
+            # In a sweep one failed job must not stop the others: report it and go on (a job that
+            # failed in training has its record written with status failed).
+            log.error("job %s failed: %s: %s", hc.job.num, type(e).__name__, e)
+            print(f"error: job {hc.job.num} failed: {e}", file=sys.stderr)
+            return None
+        if isinstance(e, (ConfigError, DataError)):
+            # Bad input: a clear message and a non-zero exit, no traceback.
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        raise
     best = record["metrics"]["best"]
     log.info("best %s = %.4f (epoch %d)", record["metrics"]["primary"],
              best[record["metrics"]["primary"]], best["epoch"])

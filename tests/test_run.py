@@ -157,3 +157,14 @@ def test_cli_multirun_writes_one_record_per_job(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     methods = sorted(json.loads(p.read_text())["method"] for p in tmp_path.rglob("records/**/*.json"))
     assert methods == ["delta-lora", "lora"]
+
+
+def test_cli_multirun_failed_job_leaves_the_others(tmp_path):
+    out = cli("-m", "model=tiny-roberta", "method=lora", "method.rank=0,4", f"data_dir={GLUE}",
+              "task.train_max_examples=16", "task.eval_max_examples=16", "task.max_length=32",
+              "train.epochs=1", "train.batch_size=8", f"results_dir={tmp_path}", "save_weights=false",
+              f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "job 0 failed" in out.stderr and "method.rank must be a positive integer" in out.stderr
+    recs = [json.loads(p.read_text()) for p in tmp_path.rglob("records/**/*.json")]
+    assert [r["config"]["method"]["rank"] for r in recs] == [4] and recs[0]["status"] == "completed"
