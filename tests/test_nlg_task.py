@@ -60,3 +60,24 @@ def test_e2e_end_tokens_include_eos(tmp_path):
     task, *_ = build(cfg)
     assert task.tokenizer.eos_token_id in task.end_token_ids()
     assert len(task.test_groups) == 4 and task.test_groups[0][0].context.startswith("name : Blue Spice")
+
+
+@needs_e2e
+def test_e2e_train_decode_score_end_to_end(tmp_path):
+    """run(): train, decode every kept test MR once, score with the official metrics, keep the
+    predictions beside the record."""
+    import json
+    import shutil
+    from deltalora_repro.run import run
+    if shutil.which("java") is None:
+        pytest.skip("java not installed (METEOR / PTB tokenizer)")
+    record = run(make_cfg(*TINY_E2E, "method=delta-lora", "method.start_steps=0",
+                          "train.warmup_steps=0", "train.lr=1e-2", tmp_path=tmp_path))
+    final = record["metrics"]["final"]
+    assert set(final) >= {"bleu", "nist", "meteor", "rouge_l", "cider", "val_loss"}
+    kept = tmp_path / "results" / record["predictions"]
+    rows = [json.loads(line) for line in kept.read_text().splitlines()]
+    assert len(rows) == 4 == record["data"]["test"]["groups_decoded"]
+    assert rows[0]["references"] == ["A coffee shop in the city centre area called Blue Spice . ",
+                                     "Blue Spice is a coffee shop in city centre . "]
+    assert record["test_time_s"] > 0

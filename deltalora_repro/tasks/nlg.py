@@ -87,7 +87,9 @@ class NLGTask(Task):
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def loss(self, model, batch) -> torch.Tensor:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # use_cache=False: a training forward has no use for a KV cache (Llama builds one otherwise).
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       use_cache=False).logits
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
                                ignore_index=-100,
                                label_smoothing=float(self.cfg.hparams.get("label_smoothing", 0.0)))
@@ -99,7 +101,8 @@ class NLGTask(Task):
         data = self.encoded["validation"]
         for i in range(0, len(data), batch_size):
             batch = {k: v.to(device) for k, v in self.collate(data[i:i + batch_size]).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           use_cache=False).logits
             labels = batch["labels"][:, 1:]
             total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
                                      ignore_index=-100, reduction="sum")
