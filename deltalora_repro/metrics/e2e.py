@@ -271,16 +271,21 @@ def e2e_metrics(predictions: list[str], references: list[list[str]], *,
     return {"bleu": bleu, "nist": nist, **coco_scores(preds, refs)}
 
 
-def _check(predictions: Sequence[str], references: Sequence[Sequence[str]]):
-    """measure_scores.py reads lines and strips them: a segment never holds a line break (one
-    inside a string here becomes a space) and has no outer whitespace; references must be
-    non-empty."""
+def check_shapes(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> None:
+    """One prediction string per input, one list of reference strings per input."""
     if isinstance(predictions, str) or any(isinstance(r, str) for r in references):
         raise TypeError("predictions must be a list of strings and references a list of lists of strings")
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} reference groups")
     if not predictions:
         raise ValueError("nothing to score: no predictions")
+
+
+def _check(predictions: Sequence[str], references: Sequence[Sequence[str]]):
+    """measure_scores.py reads lines and strips them: a segment never holds a line break (one
+    inside a string here becomes a space) and has no outer whitespace; references must be
+    non-empty."""
+    check_shapes(predictions, references)
 
     def line(text: str) -> str:
         return text.replace("\r", " ").replace("\n", " ").strip()

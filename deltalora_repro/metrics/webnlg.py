@@ -41,7 +41,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from deltalora_repro.metrics import java
-from deltalora_repro.metrics.e2e import _clipped_matches, _closest_ref_length, _ngrams, mteval_normalize
+from deltalora_repro.metrics.e2e import (_clipped_matches, _closest_ref_length, _ngrams, check_shapes,
+                                         mteval_normalize)
 
 NUM_REFS = 6  # the LoRA README runs gpt2_decode.py --ref_num 6 and eval.py -nr 6
 
@@ -201,12 +202,7 @@ def prepare(predictions: Sequence[str], references: Sequence[Sequence[str]], *,
             lora_preprocess: bool = True, num_refs: int = NUM_REFS):
     """The texts GenerationEval scores: (hypotheses, references) as step 1 writes them and
     (hypotheses, references) after its word_tokenize, each entry with exactly num_refs references."""
-    if isinstance(predictions, str) or any(isinstance(r, str) for r in references):
-        raise TypeError("predictions must be a list of strings and references a list of lists of strings")
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions but {len(references)} reference groups")
-    if not predictions:
-        raise ValueError("nothing to score: no predictions")
+    check_shapes(predictions, references)
     if lora_preprocess:
         hyps = [lora_postprocess(p.strip()) for p in predictions]
         refs = [[lora_postprocess(r) for r in lora_references(group, num_refs)] for group in references]
