@@ -1,7 +1,13 @@
 """Measure the training step: time per optimizer step, real tokens per second, peak memory.
 
-    python -m deltalora_repro.bench --shape gpt2-medium --methods lora,delta-lora \
-        --lengths e2e --batch 8 --precision bf16 --compile off,on
+    python -m deltalora_repro.bench --shape gpt2-medium --methods peft-lora,lora,delta-lora \
+        --lengths e2e --batch 8 --precision bf16,fp32 --paths plain,graph
+    python -m deltalora_repro.bench --decode --shape gpt2-medium     # E2E test decoding
+
+Paths: plain (the reference loop, kernel by kernel), graph (train.cuda_graph: each batch shape's
+whole step recorded as one CUDA graph), compile / reduce-overhead (train.compile with inductor).
+Method peft-lora is the outside baseline: PEFT's LoRA on the attention input projection with
+Hugging Face's eager code, stepped by the plain loop.
 
 Random-init weights of the paper's shapes (timing does not depend on the values); batches drawn
 from real E2E / RTE lengths (tokenised from the local data with the tiny BPE tokenizer, rescaled
@@ -45,6 +51,14 @@ SHAPES = {
 METHOD_DEFAULTS = {"rank": 4, "alpha": 32, "lora_dropout": 0.0, "update_ratio": 2, "start_steps": 0}
 
 
+def load_e2e_scale(tok, data_dir: Path) -> float:
+    """GPT-2 tokens per tiny-BPE token, from the E2E training sequences (GPT-2: mean 59)."""
+    from .tasks.e2e_data import load_e2e
+    rows = load_e2e("train", str(data_dir / "e2e")).examples
+    return 59.0 / statistics.mean(len(tok.encode(r.context)) + len(tok.encode(" " + r.reference)) + 2
+                                  for r in rows)
+
+
 def _lengths(kind: str, data_dir: Path) -> list[int]:
     """Token counts of real examples. Fixed: `--lengths 512`. E2E: context + reference + 2."""
     if kind.isdigit():
@@ -56,16 +70,22 @@ def _lengths(kind: str, data_dir: Path) -> list[int]:
         from .tasks.e2e_data import load_e2e
         rows = load_e2e("train", str(data_dir / "e2e")).examples
         texts = [(r.context, " " + r.reference) for r in rows]
+    elif kind == "xsum":
+        # Source documents of the local XSum sample, cut at the paper's 768 source tokens (the
+        # decoder side is 64 tokens, see _SyntheticTask.loss). BART uses GPT-2's BPE.
+        rows = [json.loads(line) for line in (data_dir / "xsum" / "test_sample.jsonl").read_text().splitlines()]
+        e2e = load_e2e_scale(tok, data_dir)
+        return [max(4, min(768, round(len(tok.encode(r["document"])) * e2e))) for r in rows]
     elif kind in ("rte", "sst2"):
         from .tasks.glue_data import load_glue_split
         rows = load_glue_split(kind, "train", str(data_dir / "glue")).rows
         texts = [(r["text_a"], r["text_b"] or "") for r in rows]
     else:
-        raise SystemExit(f"--lengths {kind!r}: use an integer, e2e, rte or sst2")
+        raise SystemExit(f"--lengths {kind!r}: use an integer, e2e, rte, sst2 or xsum")
     # The tiny BPE (2k merges) splits finer than GPT-2's 50k-merge BPE; scale by the ratio of
     # their counts on E2E (GPT-2: mean 59 tokens per E2E training sequence, PROTOCOL/device notes).
     counts = [len(tok.encode(a)) + len(tok.encode(b)) + 2 for a, b in texts]
-    scale = 59.0 / statistics.mean(counts) if kind == "e2e" else 1.0
+    scale = 59.0 / statistics.mean(counts) if kind == "e2e" else load_e2e_scale(tok, data_dir)
     return [max(4, min(512, round(c * scale))) for c in counts]
 
 
@@ -90,20 +110,47 @@ class _SyntheticTask:
 
     def loss(self, model, batch):
         if self.classification:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            return torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+            from .tasks.glue import encoder_logits
+            return torch.nn.functional.cross_entropy(encoder_logits(model, batch).float(), batch["labels"])
         if self.seq2seq:
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            from .tasks.base import padding_mask
+            out = model(input_ids=batch["input_ids"],
+                        attention_mask=padding_mask(model, batch["attention_mask"]),
                         decoder_input_ids=batch["input_ids"][:, :64])
             return torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(),
                                                      batch["input_ids"][:, :64].flatten())
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        from .tasks.nlg import causal_logits
+        logits = causal_logits(model, batch)
         return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
                                                  batch["labels"][:, 1:].flatten(), ignore_index=-100)
 
 
+PEFT_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "roberta": ["query", "value"],
+                "bart": ["q_proj", "v_proj"]}
+
+
+class _PeftLoRA:
+    """The outside baseline: PEFT's LoRA (r 4, alpha 32) stepped by our plain loop."""
+    name, graph_safe = "peft-lora", False
+
+    def apply(self, model, heads):
+        from peft import LoraConfig, get_peft_model
+        cfg = LoraConfig(r=4, lora_alpha=32, lora_dropout=0.0, modules_to_save=heads or None,
+                         target_modules=PEFT_TARGETS[model.config.model_type],
+                         fan_in_fan_out=model.config.model_type == "gpt2")
+        return get_peft_model(model, cfg)
+
+    def on_train_start(self, device, cfg): pass
+    def on_step_start(self, step): pass
+    def extra_loss(self, model): return None
+    def after_optimizer_step(self, step): pass
+
+
+PATHS = ("plain", "graph", "compile", "reduce-overhead")
+
+
 def bench_one(shape: str, method_name: str, lengths: list[int], batch: int, precision: str,
-              compile_mode: str, steps: int, warmup: int, device: torch.device, seed: int = 0) -> dict:
+              path: str, steps: int, warmup: int, device: torch.device, seed: int = 0) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
     model_type, head, kwargs = SHAPES[shape]
     cls = {"causal-lm": AutoModelForCausalLM, "classification": AutoModelForSequenceClassification,
@@ -116,14 +163,15 @@ def bench_one(shape: str, method_name: str, lengths: list[int], batch: int, prec
     mcfg = OmegaConf.create({"name": method_name, **METHOD_DEFAULTS, "target_rank": 2, "tinit": 0,
                              "tfinal": 1, "delta_t": 10, "beta1": 0.85, "beta2": 0.85,
                              "orth_reg_weight": 0.1, "rank_seed": 0})
-    method = build_method(mcfg, total)
+    method = _PeftLoRA() if method_name == "peft-lora" else build_method(mcfg, total)
     heads = head_prefixes(model) if head == "classification" else []
     model = method.apply(model, heads).to(device)
     tcfg = OmegaConf.create({"lr": 2e-4, "batch_size": batch, "grad_accum": 1, "weight_decay": 0.01,
                              "warmup_steps": 0, "warmup_ratio": 0.0, "max_grad_norm": None,
-                             "precision": precision, "compile": compile_mode != "off",
+                             "precision": precision, "cuda_graph": path == "graph",
+                             "compile": path in ("compile", "reduce-overhead"),
                              "compile_backend": "inductor",
-                             "compile_mode": None if compile_mode in ("off", "on") else compile_mode,
+                             "compile_mode": "reduce-overhead" if path == "reduce-overhead" else None,
                              "compile_dynamic": None, "graph_update": True, "eval_batch_size": 8,
                              "log_every": 10 ** 9, "epochs": 1, "max_steps": None})
     trainer = Trainer(model, method, task, tcfg, device, seed, total)
@@ -151,7 +199,7 @@ def bench_one(shape: str, method_name: str, lengths: list[int], batch: int, prec
     med = statistics.median(times)
     tok = statistics.mean(real_tokens[warmup:])
     return {"shape": shape, "method": method_name, "batch": batch, "precision": precision,
-            "compile": compile_mode, "step_ms_median": med,
+            "path": path, "step_ms_median": med,
             "step_ms_p10": statistics.quantiles(times, n=10)[0],
             "step_ms_p90": statistics.quantiles(times, n=10)[-1],
             "tokens_per_s": tok / (med / 1000), "mean_real_tokens_per_batch": tok,
@@ -159,37 +207,116 @@ def bench_one(shape: str, method_name: str, lengths: list[int], batch: int, prec
             "steps": steps, "warmup": warmup}
 
 
+def _decode_prompt_lengths(data_dir: Path) -> list[int]:
+    """Token counts of the 630 distinct E2E test MRs plus the end token, scaled to GPT-2 counts
+    as in `_lengths` (the E2E contexts are the MRs)."""
+    from .models import tiny_tokenizer
+    from .tasks.e2e_data import group_references, load_e2e
+    tok = tiny_tokenizer("gpt2")
+    groups = group_references(load_e2e("test", str(data_dir / "e2e")).examples)
+    scale = load_e2e_scale(tok, data_dir)
+    return [max(1, round(len(tok.encode(ex.context)) * scale)) + 1 for ex, _ in groups]
+
+
+def bench_decode(shape: str, prompt_lengths: list[int], batch_size: int, precision: str,
+                 device: torch.device, num_beams: int = 10, max_new_tokens: int = 64,
+                 seed: int = 0) -> dict:
+    """E2E test decoding with our beam search (decoding.py): every prompt runs all
+    `max_new_tokens` steps (no end token, as a random-init model would not stop reliably)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from .decoding import BeamConfig, beam_search
+    from .train import autocast
+    model_type, head, kwargs = SHAPES[shape]
+    if head != "causal-lm":
+        raise SystemExit(f"--decode needs a decoder-only shape, not {shape}")
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, **kwargs)
+    model = AutoModelForCausalLM.from_config(config).to(device).eval()
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(4, config.vocab_size, (n,), generator=gen).tolist() for n in prompt_lengths]
+    cfg = BeamConfig(num_beams=num_beams, length_penalty=0.8, no_repeat_ngram_size=4,
+                     max_new_tokens=max_new_tokens, end_token_ids=())
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with autocast(device, precision):
+        beam_search(model, prompts[:batch_size], cfg, pad_token_id=0, batch_size=batch_size)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        outs = beam_search(model, prompts, cfg, pad_token_id=0, batch_size=batch_size)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    assert all(len(o) == max_new_tokens for o in outs), "a hypothesis ended early"
+    return {"kind": "decode", "shape": shape, "prompts": len(prompts), "batch_size": batch_size,
+            "precision": precision, "num_beams": num_beams, "max_new_tokens": max_new_tokens,
+            "seconds": seconds, "new_tokens_per_s": len(prompts) * max_new_tokens / seconds,
+            "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m deltalora_repro.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="gpt2-medium", choices=sorted(SHAPES))
-    ap.add_argument("--methods", default="lora,delta-lora")
+    ap.add_argument("--methods", default="lora,delta-lora",
+                    help="comma list of peft-lora and our methods (lora, delta-lora, ft, ...)")
     ap.add_argument("--lengths", default="e2e", help="e2e | rte | sst2 | an integer")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--precision", default="bf16", help="comma list of fp32, bf16")
-    ap.add_argument("--compile", default="off", help="comma list of off, on, reduce-overhead")
+    ap.add_argument("--paths", default="plain", help="comma list of " + ", ".join(PATHS))
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--decode", action="store_true",
+                    help="time E2E test decoding (630 MRs) instead of training steps")
+    ap.add_argument("--decode-batch", default="64", help="comma list of prompts per chunk")
+    ap.add_argument("--decode-prompts", type=int, default=None,
+                    help="decode only the first N test MRs (default: all 630)")
     ap.add_argument("--data", type=Path, default=records.PROJECT_ROOT.parent / "shared" / "data")
     ap.add_argument("--out", type=Path, default=records.PROJECT_ROOT / "results" / "bench")
     ap.add_argument("--name", default=None, help="record file name (default: a new run id)")
     args = ap.parse_args(argv)
+    precisions, paths = args.precision.split(","), args.paths.split(",")
+    for bad in [p for p in precisions if p not in ("fp32", "bf16")]:
+        raise SystemExit(f"--precision {bad!r}; valid: fp32, bf16")
+    for bad in [p for p in paths if p not in PATHS]:
+        raise SystemExit(f"--paths {bad!r}; valid: {', '.join(PATHS)}")
+    from .methods.base import METHODS
+    methods = args.methods.split(",")
+    for bad in [m for m in methods if m != "peft-lora" and m not in METHODS]:
+        raise SystemExit(f"--methods {bad!r}; valid: peft-lora, {', '.join(sorted(METHODS))}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    lengths = _lengths(args.lengths, args.data)
     rows = []
-    for precision in args.precision.split(","):
-        for compile_mode in args.compile.split(","):
-            for method in args.methods.split(","):
-                torch._dynamo.reset()
-                row = bench_one(args.shape, method, lengths, args.batch, precision, compile_mode,
-                                args.steps, args.warmup, device)
+    if args.decode:
+        lengths = _decode_prompt_lengths(args.data)[:args.decode_prompts]
+        for precision in precisions:
+            for bs in [int(b) for b in args.decode_batch.split(",")]:
+                row = bench_decode(args.shape, lengths, bs, precision, device)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+    else:
+        lengths = _lengths(args.lengths, args.data)
+        for precision in precisions:
+            for path in paths:
+                for method in methods:
+                    if method == "peft-lora" and path != "plain":
+                        continue          # the baseline is the plain PEFT + eager step only
+                    torch._dynamo.reset()
+                    try:
+                        row = bench_one(args.shape, method, lengths, args.batch, precision, path,
+                                        args.steps, args.warmup, device)
+                    except Exception as e:   # recorded, not hidden: the other settings still run
+                        row = {"shape": args.shape, "method": method, "batch": args.batch,
+                               "precision": precision, "path": path,
+                               "error": f"{type(e).__name__}: {e}"[:2000]}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
     run_id = args.name or records.new_run_id()
-    record = {"run_id": run_id, "kind": "bench", "args": {k: str(v) for k, v in vars(args).items()},
-              "lengths": {"source": args.lengths, "n": len(lengths), "mean": statistics.mean(lengths)},
+    record = {"run_id": run_id, "kind": "bench-decode" if args.decode else "bench",
+              "args": {k: str(v) for k, v in vars(args).items()},
+              "lengths": {"source": "e2e-test" if args.decode else args.lengths, "n": len(lengths),
+                          "mean": statistics.mean(lengths)},
               "rows": rows, "git": records.git_state(), "machine": records.machine(device),
               "versions": records.versions()}
     records.write_json_atomic(args.out / f"{run_id}.json", record)
@@ -197,14 +324,38 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def render(record: dict) -> str:
-    lines = [f"Bench {record['run_id']} on {record['machine'].get('device_name', 'cpu')}, "
-             f"commit {str(record['git'].get('commit'))[:10]}; lengths: {record['lengths']}",
-             "", "| shape | method | precision | compile | step ms (median) | tokens/s | peak GiB |",
-             "|---|---|---|---|---|---|---|"]
-    for r in record["rows"]:
-        mem = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.2f}"
-        lines.append(f"| {r['shape']} | {r['method']} | {r['precision']} | {r['compile']} | "
-                     f"{r['step_ms_median']:.2f} | {r['tokens_per_s']:.0f} | {mem} |")
+    """The record as Markdown; training rows also get Delta-LoRA / LoRA and speed-up columns."""
+    head = (f"Bench {record['run_id']} on {record['machine'].get('device_name', 'cpu')}, "
+            f"commit {str(record['git'].get('commit'))[:10]}; lengths: {record['lengths']}")
+    if record.get("kind") == "bench-decode":
+        lines = [head, "", "| shape | prompts | batch | precision | beams | new tokens | seconds | peak GiB |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for r in record["rows"]:
+            mem = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.2f}"
+            lines.append(f"| {r['shape']} | {r['prompts']} | {r['batch_size']} | {r['precision']} | "
+                         f"{r['num_beams']} | {r['max_new_tokens']} | {r['seconds']:.2f} | {mem} |")
+        return "\n".join(lines)
+    rows = record["rows"]
+    path_of = lambda r: r.get("path", r.get("compile"))  # noqa: E731  (older records: "compile")
+    find = {(r["shape"], r["precision"], path_of(r), r["method"]): r for r in rows if "error" not in r}
+    lines = [head, "", "| shape | method | precision | path | step ms (median) | tokens/s | peak GiB | "
+             "vs LoRA (time / memory) | speed-up vs plain PEFT |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['method']} | {r['precision']} | {path_of(r)} | "
+                         f"failed: {r['error'].splitlines()[0][:120]} | | | | |")
+            continue
+        mem = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.3f}"
+        lora = find.get((r["shape"], r["precision"], path_of(r), "lora"))
+        vs = "-"
+        if lora is not None and r["method"] != "lora" and r["method"] != "peft-lora":
+            vs = f"{r['step_ms_median'] / lora['step_ms_median']:.3f}"
+            if r["peak_memory_bytes"] and lora["peak_memory_bytes"]:
+                vs += f" / {r['peak_memory_bytes'] / lora['peak_memory_bytes']:.5f}"
+        peft = find.get((r["shape"], r["precision"], "plain", "peft-lora"))
+        up = "-" if peft is None or r is peft else f"{peft['step_ms_median'] / r['step_ms_median']:.1f}x"
+        lines.append(f"| {r['shape']} | {r['method']} | {r['precision']} | {path_of(r)} | "
+                     f"{r['step_ms_median']:.2f} | {r['tokens_per_s']:.0f} | {mem} | {vs} | {up} |")
     return "\n".join(lines)
 
 

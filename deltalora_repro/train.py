@@ -3,6 +3,16 @@
 Hot path rules (see README "Speed"): no .item() or other host synchronisation per step (the
 running loss stays on the device and is read only every `log_every` steps), batches padded to
 buckets so few shapes occur, and the Delta-LoRA update runs for all layers in one hook call.
+
+Two ways to run a step, chosen by `train.cuda_graph`:
+- plain: forward, backward, AdamW, scheduler and the method's hooks, launched kernel by kernel.
+  This is the reference.
+- graph (CUDA only): the whole optimizer step (forward, backward, gradient clipping, AdamW and
+  zeroing the gradients) is recorded once per batch shape as one CUDA graph and replayed, so a
+  step costs one launch instead of thousands. At the paper's batch sizes the plain step is bound
+  by those launches (README "Speed"). The same kernels run on the same data in the same order;
+  AdamW runs in its capturable form (step count and learning rate live on the device).
+  tests/test_fast_path.py compares both paths step by step.
 """
 from __future__ import annotations
 
@@ -60,9 +70,20 @@ class Trainer:
         self.micro_batch = cfg.batch_size // cfg.grad_accum
         self.total_steps = n_total_steps
         fused = device.type == "cuda"
+        self.use_graphs = graph_path(cfg, device, method)
+        if self.use_graphs:
+            # Capturable AdamW: the step count and the learning rate are device tensors, so the
+            # recorded step reads their current values (the scheduler fills the lr tensor in place).
+            opt_kwargs = {"fused": True, "capturable": True}
+            lr = torch.tensor(float(cfg.lr), device=device)
+        else:
+            opt_kwargs = {"fused": True} if fused else {"foreach": True}
+            lr = cfg.lr
         self.optimizer = torch.optim.AdamW(
-            param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
-            **({"fused": True} if fused else {"foreach": True}))
+            param_groups(model, cfg.weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8,
+            **opt_kwargs)
+        self._graphs: dict[tuple, _StepGraph] = {}
+        self._graph_pool = None
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(
             cfg.warmup_ratio * n_total_steps)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, n_total_steps)
@@ -110,6 +131,8 @@ class Trainer:
 
     def train_step(self, micro_batches: list[dict]) -> torch.Tensor:
         """One optimizer step; returns the loss as a device tensor (never read here: no sync)."""
+        if self.use_graphs:
+            return self._graph_step(micro_batches)
         cfg, model, device = self.cfg, self.model, self.device
         self.method.on_step_start(self.step)
         total = torch.zeros((), device=device)
@@ -130,6 +153,78 @@ class Trainer:
         self.method.after_optimizer_step(self.step)   # e.g. Delta-LoRA's W update
         self.optimizer.zero_grad(set_to_none=True)
         return total
+
+    # -- the graph path ---------------------------------------------------------------------------
+    def _step_body(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward, backward, clip, AdamW, zero grads: what one CUDA graph records."""
+        with autocast(self.device, self.cfg.precision):
+            loss = self.loss_fn(self.model, batch)
+            extra = self.method.extra_loss(self.model)
+            if extra is not None:
+                loss = loss + extra
+        loss.backward()
+        if self.cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm, foreach=True)
+        self.optimizer.step()
+        # Inside the graph, so that the gradients live only during a replay and every shape's
+        # graph can share one memory pool.
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def _graph_step(self, micro_batches: list[dict]) -> torch.Tensor:
+        (batch,) = micro_batches          # graph_path() guarantees grad_accum == 1
+        self.method.on_step_start(self.step)
+        key = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(batch.items()))
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._graphs[key] = self._capture(batch)
+        for k, v in batch.items():
+            entry.inputs[k].copy_(v.pin_memory(), non_blocking=True)
+        entry.graph.replay()
+        self.scheduler.step()
+        self.step += 1
+        self.method.after_optimizer_step(self.step)
+        return entry.loss.clone()
+
+    def _snapshot(self) -> tuple:
+        params = [p.detach().clone() for p in self.params]
+        state = {p: {k: v.clone() for k, v in self.optimizer.state[p].items()}
+                 for p in self.params if p in self.optimizer.state}
+        return params, state, torch.get_rng_state(), torch.cuda.get_rng_state(self.device)
+
+    @torch.no_grad()
+    def _restore(self, snap: tuple) -> None:
+        params, state, cpu_rng, cuda_rng = snap
+        torch._foreach_copy_(self.params, params)
+        for p in self.params:
+            for k, v in self.optimizer.state.get(p, {}).items():
+                # AdamW's fresh state is all zeros (step, exp_avg, exp_avg_sq).
+                v.copy_(state[p][k]) if p in state else v.zero_()
+        torch.set_rng_state(cpu_rng)
+        torch.cuda.set_rng_state(cuda_rng, self.device)
+
+    def _capture(self, batch: dict[str, torch.Tensor]) -> "_StepGraph":
+        """Record one step for this batch shape. Two warm-up steps on a side stream initialise
+        what is created lazily (cuBLAS workspaces, AdamW state, autograd streams); everything they
+        change (parameters, optimizer state, random state) is restored before recording, so the
+        run's numbers do not depend on when shapes are first seen."""
+        inputs = {k: v.to(self.device) for k, v in batch.items()}
+        snap = self._snapshot()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step_body(inputs)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self._restore(snap)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            loss = self._step_body(inputs)
+        if self._graph_pool is None:
+            self._graph_pool = graph.pool()
+        log.info("recorded a CUDA graph for batch shape %s (%d so far)",
+                 {k: tuple(v.shape) for k, v in batch.items()}, len(self._graphs) + 1)
+        return _StepGraph(graph, inputs, loss)
 
     def evaluate(self) -> dict:
         self.model.eval()
@@ -176,6 +271,47 @@ class Trainer:
                      {k: round(v, 4) for k, v in metrics.items()})
             if on_epoch_end is not None:
                 on_epoch_end(self)
+
+
+class _StepGraph:
+    """One recorded optimizer step: the graph, its static input buffers and its loss output."""
+
+    def __init__(self, graph, inputs: dict[str, torch.Tensor], loss: torch.Tensor):
+        self.graph, self.inputs, self.loss = graph, inputs, loss
+
+
+def graph_path(cfg: Any, device: torch.device, method: Method) -> bool:
+    """Whether this run takes the CUDA-graph path (train.cuda_graph: auto | true | false).
+
+    auto takes it whenever it applies and says so in the log; true demands it and names what
+    stands in the way; false keeps the plain path."""
+    choice = cfg.get("cuda_graph", False)
+    if choice not in (True, False, "auto"):
+        raise ConfigError(f"train.cuda_graph {choice!r}; valid: auto, true, false")
+    if choice is False:
+        return False
+    reasons = []
+    if device.type != "cuda":
+        reasons.append(f"it needs a CUDA device (this run uses {device.type})")
+    if cfg.grad_accum != 1:
+        reasons.append(f"it records whole steps of one micro-batch (train.grad_accum={cfg.grad_accum})")
+    if not method.graph_safe:
+        reasons.append(f"method {method.name!r} changes the computation from step to step on the "
+                       "host (graph-safe methods: " + ", ".join(sorted(graph_safe_methods())) + ")")
+    if cfg.get("compile", False):
+        reasons.append("train.compile is on (use one fast path at a time)")
+    if reasons:
+        if choice is True:
+            raise ConfigError("train.cuda_graph=true cannot be used: " + "; ".join(reasons))
+        log.info("plain step (train.cuda_graph=auto): %s", "; ".join(reasons))
+        return False
+    log.info("CUDA-graph step: one graph per batch shape (train.cuda_graph=%s)", choice)
+    return True
+
+
+def graph_safe_methods() -> list[str]:
+    from .methods.base import METHODS
+    return [n for n, m in METHODS.items() if m.graph_safe]
 
 
 def save_checkpoint(trainer: Trainer, path: Path) -> None:

@@ -1,6 +1,7 @@
 """Shared helpers: compose the real Hydra config and shrink it to a CPU-sized run."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ from deltalora_repro.train import Trainer, total_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-DATA = ROOT.parent / "shared" / "data"
+# The shared data beside the checkout; DELTALORA_TEST_DATA points elsewhere (e.g. the GPU machine).
+DATA = Path(os.environ.get("DELTALORA_TEST_DATA", ROOT.parent / "shared" / "data")).resolve()
 GLUE = DATA / "glue"
 
 needs_glue = pytest.mark.skipif(not GLUE.is_dir(), reason=f"GLUE data not found at {GLUE}")
@@ -38,7 +40,7 @@ SMALL = ["data_dir=" + str(GLUE), "task=glue/rte", "task.train_max_examples=48",
          "train.log_every=1000", "train.epochs=1", "train.checkpoint=false"]
 
 
-def build(cfg):
+def build(cfg, device: str = "cpu", precision: str = "fp32"):
     """(task, model, method, trainer) for a config, as run() builds them."""
     torch.manual_seed(cfg.seed)
     task = build_task(cfg.task, cfg.data_dir)
@@ -47,6 +49,7 @@ def build(cfg):
     task.prepare(tok)
     n = total_steps(cfg.train, len(task.train_examples()))
     method = build_method(cfg.method, n)
-    model = method.apply(model, head_prefixes(model))
-    tcfg = OmegaConf.merge(cfg.train, {"precision": "fp32"})
-    return task, model, method, Trainer(model, method, task, tcfg, torch.device("cpu"), cfg.seed, n)
+    heads = head_prefixes(model) if task.head == "classification" else []
+    model = method.apply(model, heads).to(device)
+    tcfg = OmegaConf.merge(cfg.train, {"precision": precision})
+    return task, model, method, Trainer(model, method, task, tcfg, torch.device(device), cfg.seed, n)

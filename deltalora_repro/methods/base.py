@@ -16,6 +16,10 @@ class Method:
     """One fine-tuning method. Subclasses override the hooks they need."""
 
     name = ""
+    # True when every step runs the same device computation, so a step can be recorded once as a
+    # CUDA graph and replayed (train.cuda_graph). Host-side per-step decisions (DyLoRA's sampled
+    # rank, AdaLoRA's budget schedule) rule it out.
+    graph_safe = False
 
     def __init__(self, cfg: Any, total_steps: int):
         self.cfg = cfg

@@ -16,6 +16,8 @@ from .base import Method, register, set_trainable
 
 @register("ft")
 class FullFineTuning(Method):
+    graph_safe = True
+
     def apply(self, model: nn.Module, head_names: list[str]) -> nn.Module:
         set_trainable(model, prefixes=[""])
         self._names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -39,6 +41,8 @@ class FineTuningQV(Method):
     their gradient is masked, and after each step they are restored, because AdamW's decoupled
     weight decay would otherwise shrink them even with a zero gradient."""
 
+    graph_safe = True
+
     def apply(self, model: nn.Module, head_names: list[str]) -> nn.Module:
         set_trainable(model, prefixes=head_names)
         self._heads = list(head_names)
@@ -60,16 +64,23 @@ class FineTuningQV(Method):
                 for s in sites:
                     keep[s.start:s.stop] = True
                 shape = (1, -1) if out_dim == 1 else (-1, 1)
-                mask = keep.view(shape)
-                weight.register_hook(lambda g, mask=mask: g * mask.to(g.dtype))
+                holder = {"mask": keep.view(shape)}   # moved to the weight's device at start
+                weight.register_hook(lambda g, h=holder: g * h["mask"].to(g.dtype))
                 frozen = (~keep).nonzero().flatten()
                 saved = weight.detach().index_select(out_dim, frozen).clone()
-                self._frozen.append((weight, out_dim, frozen, saved))
+                self._frozen.append((weight, out_dim, frozen, saved, holder))
         return model
+
+    def on_train_start(self, device, train_cfg) -> None:
+        # apply() runs before the model moves to its device; bring the masks and saved columns.
+        self._frozen = [(w, dim, index.to(w.device), saved.to(w.device), holder)
+                        for w, dim, index, saved, holder in self._frozen]
+        for w, *_, holder in self._frozen:
+            holder["mask"] = holder["mask"].to(w.device)
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
-        for weight, dim, index, saved in self._frozen:
+        for weight, dim, index, saved, _ in self._frozen:
             weight.index_copy_(dim, index, saved)
 
     def trainable_numel(self, model: nn.Module) -> int:

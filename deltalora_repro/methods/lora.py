@@ -11,6 +11,8 @@ from .base import Method, register, set_trainable
 
 @register("lora")
 class LoRA(Method):
+    graph_safe = True
+
     def apply(self, model: nn.Module, head_names: list[str]) -> nn.Module:
         set_trainable(model, prefixes=head_names)
         self.sites = inject_lora(model, self.cfg.rank, self.cfg.alpha, self.cfg.lora_dropout)

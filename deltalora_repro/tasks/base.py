@@ -51,6 +51,21 @@ class Task:
         return {}
 
 
+def padding_mask(model, mask: torch.Tensor) -> torch.Tensor:
+    """The padding mask to hand a bidirectional encoder (BERT, RoBERTa, BART's encoder and
+    cross-attention): for SDPA attention a ready 4-D boolean mask (batch, 1, 1, length), which
+    Hugging Face uses as it is. Given the 2-D mask it first checks on the host whether any position
+    is padded (to drop the mask when none is): a device-to-host read in every forward, which a
+    recorded CUDA-graph step cannot contain. The attention computed is the same. A causal model
+    keeps the 2-D mask: a 4-D mask would replace its causal mask.
+    """
+    config = getattr(model, "config", None)
+    if (getattr(config, "model_type", None) in ("bert", "roberta", "bart")
+            and getattr(config, "_attn_implementation", None) == "sdpa"):
+        return mask[:, None, None, :].bool()
+    return mask
+
+
 def pad_to(length: int, multiple: int) -> int:
     """Round a batch's length up to a bucket, so that few distinct shapes occur."""
     return length if multiple <= 1 else -(-length // multiple) * multiple

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..metrics.glue import glue_metrics
-from .base import Task, pad_to
+from .base import Task, pad_to, padding_mask
 from .glue_data import GLUE_SPECS, load_glue_split
 
 
@@ -65,7 +65,7 @@ class GlueTask(Task):
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def _logits(self, model, batch) -> torch.Tensor:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return encoder_logits(model, batch)
 
     def loss(self, model, batch) -> torch.Tensor:
         # Computed here rather than by the model so every method (AdaLoRA included) sees one loss.
@@ -90,3 +90,9 @@ class GlueTask(Task):
             prefix = "" if name == self.spec.eval_split else f"{name}/"
             out.update({prefix + k: float(v) for k, v in metrics.items()})
         return out
+
+
+def encoder_logits(model, batch) -> torch.Tensor:
+    """The forward of a padded classification batch (padding mask: see base.padding_mask)."""
+    return model(input_ids=batch["input_ids"],
+                 attention_mask=padding_mask(model, batch["attention_mask"])).logits

@@ -21,6 +21,20 @@ from .base import Task, pad_to
 log = logging.getLogger(__name__)
 
 
+def causal_logits(model, batch) -> torch.Tensor:
+    """Logits of a right-padded batch under causal attention, without the padding mask.
+
+    Padding sits after every real token, and causal attention only looks back, so no real
+    position ever attends to padding: the logits at real positions are those of the masked
+    forward, and padded positions carry no loss. Without a mask the attention runs as plain
+    causal SDPA (flash kernels), and nothing in the forward reads tensor values on the host
+    (Hugging Face inspects a padding mask to decide whether it can be dropped), which the CUDA-graph
+    step needs. tests/test_nlg_task.py checks the logits against the masked forward.
+    use_cache=False: a training forward has no use for a KV cache (Llama builds one otherwise).
+    """
+    return model(input_ids=batch["input_ids"], use_cache=False).logits
+
+
 class NLGTask(Task):
     head = "causal-lm"
     metric = "val_loss"
@@ -87,9 +101,7 @@ class NLGTask(Task):
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def loss(self, model, batch) -> torch.Tensor:
-        # use_cache=False: a training forward has no use for a KV cache (Llama builds one otherwise).
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       use_cache=False).logits
+        logits = causal_logits(model, batch)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
                                ignore_index=-100,
                                label_smoothing=float(self.cfg.hparams.get("label_smoothing", 0.0)))
@@ -101,8 +113,7 @@ class NLGTask(Task):
         data = self.encoded["validation"]
         for i in range(0, len(data), batch_size):
             batch = {k: v.to(device) for k, v in self.collate(data[i:i + batch_size]).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           use_cache=False).logits
+            logits = causal_logits(model, batch)
             labels = batch["labels"][:, 1:]
             total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
                                      ignore_index=-100, reduction="sum")
