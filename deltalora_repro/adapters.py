@@ -143,12 +143,12 @@ class LoRALayer(nn.Module):
         for i, (start, stop) in enumerate(self.slices):
             a, b, scaling = self.factors(i)
             delta = (xd @ a.t().to(xd.dtype)) @ b.t().to(xd.dtype)
-            delta = delta * scaling
+            # The scaling rides on the add (one kernel, not two).
             if start == 0 and stop == out.shape[-1]:
-                out = out + delta
+                out = torch.add(out, delta, alpha=scaling)
             else:
                 # In place on a slice of the base output: no copy of the other columns.
-                out[..., start:stop] += delta
+                out[..., start:stop].add_(delta, alpha=scaling)
         return out
 
     def merged_weight_delta(self, i: int) -> torch.Tensor:
@@ -256,11 +256,13 @@ class DeltaUpdater:
 
     _graphs: dict | None = None
 
-    def capture_cuda_graphs(self) -> None:
+    def capture_cuda_graphs(self, stream=None, pool=None) -> None:
         """Record the whole update (every layer) as one CUDA graph, replayed each step: one
         launch instead of ~3 per layer. Tensors keep their addresses (the optimizer updates A
-        and B in place), so the replay reads the current values."""
-        stream = torch.cuda.Stream()
+        and B in place), so the replay reads the current values. `stream` and `pool`: the
+        training step's capture stream and graph memory pool, so that the update costs no
+        cuBLAS workspace or pool of its own (train.cuda_graph)."""
+        stream = stream if stream is not None else torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             # Initialise cuBLAS outside capture, on throwaway tensors (W must not change here).
@@ -270,7 +272,7 @@ class DeltaUpdater:
         graphs = {}
         for update in (False, True):
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
+            with torch.cuda.graph(g, pool=pool, stream=stream):
                 self._apply(update)
             graphs[update] = g
         self._graphs = graphs

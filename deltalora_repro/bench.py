@@ -5,7 +5,8 @@
     python -m deltalora_repro.bench --decode --shape gpt2-medium     # E2E test decoding
 
 Paths: plain (the reference loop, kernel by kernel), graph (train.cuda_graph: each batch shape's
-whole step recorded as one CUDA graph), compile / reduce-overhead (train.compile with inductor).
+whole step recorded as one CUDA graph), graph-compile (the same, of the torch.compile'd forward
+and backward, dynamic lengths: one compilation), compile / reduce-overhead (train.compile alone).
 Method peft-lora is the outside baseline: PEFT's LoRA on the attention input projection with
 Hugging Face's eager code, stepped by the plain loop.
 
@@ -140,13 +141,13 @@ class _PeftLoRA:
                          fan_in_fan_out=model.config.model_type == "gpt2")
         return get_peft_model(model, cfg)
 
-    def on_train_start(self, device, cfg): pass
+    def on_train_start(self, device, cfg, graphs=None): pass
     def on_step_start(self, step): pass
     def extra_loss(self, model): return None
     def after_optimizer_step(self, step): pass
 
 
-PATHS = ("plain", "graph", "compile", "reduce-overhead")
+PATHS = ("plain", "graph", "graph-compile", "compile", "reduce-overhead")
 
 
 def bench_one(shape: str, method_name: str, lengths: list[int], batch: int, precision: str,
@@ -168,11 +169,12 @@ def bench_one(shape: str, method_name: str, lengths: list[int], batch: int, prec
     model = method.apply(model, heads).to(device)
     tcfg = OmegaConf.create({"lr": 2e-4, "batch_size": batch, "grad_accum": 1, "weight_decay": 0.01,
                              "warmup_steps": 0, "warmup_ratio": 0.0, "max_grad_norm": None,
-                             "precision": precision, "cuda_graph": path == "graph",
-                             "compile": path in ("compile", "reduce-overhead"),
+                             "precision": precision,
+                             "cuda_graph": path in ("graph", "graph-compile"),
+                             "compile": path in ("graph-compile", "compile", "reduce-overhead"),
                              "compile_backend": "inductor",
                              "compile_mode": "reduce-overhead" if path == "reduce-overhead" else None,
-                             "compile_dynamic": None, "graph_update": True, "eval_batch_size": 8,
+                             "compile_dynamic": True if path == "graph-compile" else None, "graph_update": True, "eval_batch_size": 8,
                              "log_every": 10 ** 9, "epochs": 1, "max_steps": None})
     trainer = Trainer(model, method, task, tcfg, device, seed, total)
     trainer.start()

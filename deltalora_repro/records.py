@@ -29,6 +29,11 @@ def git_state(root: Path = PROJECT_ROOT) -> dict:
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
                               check=True, timeout=10).stdout.strip()
+    if os.environ.get("DELTALORA_COMMIT"):
+        # Said by the launcher: a copy shipped to another machine may carry a stale .git.
+        dirty = os.environ.get("DELTALORA_DIRTY")
+        return {"commit": os.environ["DELTALORA_COMMIT"],
+                "dirty": None if dirty is None else dirty == "1", "source": "environment"}
     try:
         commit = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))

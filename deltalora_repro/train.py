@@ -210,7 +210,7 @@ class Trainer:
         run's numbers do not depend on when shapes are first seen."""
         inputs = {k: v.to(self.device) for k, v in batch.items()}
         snap = self._snapshot()
-        side = torch.cuda.Stream(self.device)
+        side = self._side                 # one stream for every capture: one cuBLAS workspace
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
@@ -218,10 +218,8 @@ class Trainer:
         torch.cuda.current_stream(self.device).wait_stream(side)
         self._restore(snap)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
+        with torch.cuda.graph(graph, pool=self._graph_pool, stream=side):
             loss = self._step_body(inputs)
-        if self._graph_pool is None:
-            self._graph_pool = graph.pool()
         log.info("recorded a CUDA graph for batch shape %s (%d so far)",
                  {k: tuple(v.shape) for k, v in batch.items()}, len(self._graphs) + 1)
         return _StepGraph(graph, inputs, loss)
@@ -240,7 +238,12 @@ class Trainer:
         """Set-up that needs the model on its device (idempotent)."""
         if not getattr(self, "_started", False):
             self.params = [p for p in self.model.parameters() if p.requires_grad]
-            self.method.on_train_start(self.device, self.cfg)
+            graphs = None
+            if self.use_graphs:
+                self._side = torch.cuda.Stream(self.device)
+                self._graph_pool = torch.cuda.graph_pool_handle()
+                graphs = (self._side, self._graph_pool)
+            self.method.on_train_start(self.device, self.cfg, graphs)
             self._started = True
 
     def fit(self, on_epoch_end: Callable[["Trainer"], None] | None = None) -> None:
@@ -298,14 +301,16 @@ def graph_path(cfg: Any, device: torch.device, method: Method) -> bool:
     if not method.graph_safe:
         reasons.append(f"method {method.name!r} changes the computation from step to step on the "
                        "host (graph-safe methods: " + ", ".join(sorted(graph_safe_methods())) + ")")
-    if cfg.get("compile", False):
-        reasons.append("train.compile is on (use one fast path at a time)")
+    if cfg.get("compile", False) and cfg.get("compile_mode") == "reduce-overhead":
+        reasons.append("train.compile_mode=reduce-overhead records CUDA graphs itself (use "
+                       "train.compile_mode=null with train.cuda_graph, or cuda_graph=false)")
     if reasons:
         if choice is True:
             raise ConfigError("train.cuda_graph=true cannot be used: " + "; ".join(reasons))
         log.info("plain step (train.cuda_graph=auto): %s", "; ".join(reasons))
         return False
-    log.info("CUDA-graph step: one graph per batch shape (train.cuda_graph=%s)", choice)
+    log.info("CUDA-graph step: one graph per batch shape (train.cuda_graph=%s%s)", choice,
+             ", of the torch.compile'd forward and backward" if cfg.get("compile", False) else "")
     return True
 
 

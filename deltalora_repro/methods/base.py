@@ -30,8 +30,9 @@ class Method:
         """Freeze/unfreeze parameters and insert modules; return the model to train."""
         raise NotImplementedError
 
-    def on_train_start(self, device: "torch.device", train_cfg: Any) -> None:
-        """Once the model is on its device, before the first step (fast-path set-up)."""
+    def on_train_start(self, device: "torch.device", train_cfg: Any, graphs=None) -> None:
+        """Once the model is on its device, before the first step (fast-path set-up). `graphs`:
+        (stream, memory pool) of the CUDA-graph step, for a method recording graphs of its own."""
 
     # -- around each optimizer step ---------------------------------------------------------------
     def on_step_start(self, step: int) -> None:

@@ -71,7 +71,7 @@ class FineTuningQV(Method):
                 self._frozen.append((weight, out_dim, frozen, saved, holder))
         return model
 
-    def on_train_start(self, device, train_cfg) -> None:
+    def on_train_start(self, device, train_cfg, graphs=None) -> None:
         # apply() runs before the model moves to its device; bring the masks and saved columns.
         self._frozen = [(w, dim, index.to(w.device), saved.to(w.device), holder)
                         for w, dim, index, saved, holder in self._frozen]

@@ -36,9 +36,9 @@ class DeltaLoRA(LoRA):
         self.updater = DeltaUpdater(self.sites, self.cfg.update_ratio, self.cfg.start_steps)
         return model
 
-    def on_train_start(self, device, train_cfg) -> None:
+    def on_train_start(self, device, train_cfg, graphs=None) -> None:
         if device.type == "cuda" and train_cfg.get("graph_update", True):
-            self.updater.capture_cuda_graphs()
+            self.updater.capture_cuda_graphs(*(graphs or ()))
 
     def after_optimizer_step(self, step: int) -> None:
         self.updater.step(step)
