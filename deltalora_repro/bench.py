@@ -5,8 +5,7 @@
     python -m deltalora_repro.bench --decode --shape gpt2-medium     # E2E test decoding
 
 Paths: plain (the reference loop, kernel by kernel), graph (train.cuda_graph: each batch shape's
-whole step recorded as one CUDA graph), graph-compile (the same, of the torch.compile'd forward
-and backward, dynamic lengths: one compilation), compile / reduce-overhead (train.compile alone).
+whole step recorded as one CUDA graph), compile / reduce-overhead (train.compile).
 Method peft-lora is the outside baseline: PEFT's LoRA on the attention input projection with
 Hugging Face's eager code, stepped by the plain loop.
 
@@ -147,7 +146,7 @@ class _PeftLoRA:
     def after_optimizer_step(self, step): pass
 
 
-PATHS = ("plain", "graph", "graph-compile", "compile", "reduce-overhead")
+PATHS = ("plain", "graph", "compile", "reduce-overhead")
 
 
 def bench_one(shape: str, method_name: str, lengths: list[int], batch: int, precision: str,
@@ -170,11 +169,11 @@ def bench_one(shape: str, method_name: str, lengths: list[int], batch: int, prec
     tcfg = OmegaConf.create({"lr": 2e-4, "batch_size": batch, "grad_accum": 1, "weight_decay": 0.01,
                              "warmup_steps": 0, "warmup_ratio": 0.0, "max_grad_norm": None,
                              "precision": precision,
-                             "cuda_graph": path in ("graph", "graph-compile"),
-                             "compile": path in ("graph-compile", "compile", "reduce-overhead"),
+                             "cuda_graph": path == "graph",
+                             "compile": path in ("compile", "reduce-overhead"),
                              "compile_backend": "inductor",
                              "compile_mode": "reduce-overhead" if path == "reduce-overhead" else None,
-                             "compile_dynamic": True if path == "graph-compile" else None, "graph_update": True, "eval_batch_size": 8,
+                             "compile_dynamic": None, "graph_update": True, "eval_batch_size": 8,
                              "log_every": 10 ** 9, "epochs": 1, "max_steps": None})
     trainer = Trainer(model, method, task, tcfg, device, seed, total)
     trainer.start()
@@ -288,15 +287,27 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--methods {bad!r}; valid: peft-lora, {', '.join(sorted(METHODS))}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
+    run_id = args.name or records.new_run_id()
+    record = {"run_id": run_id, "kind": "bench-decode" if args.decode else "bench",
+              "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
+              "git": records.git_state(), "machine": records.machine(device),
+              "versions": records.versions()}
+
+    def save(row: dict) -> None:
+        # After every row: a run cut short (time limit, crash) keeps what it measured.
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        records.write_json_atomic(args.out / f"{run_id}.json", record, overwrite=True)
+
     if args.decode:
         lengths = _decode_prompt_lengths(args.data)[:args.decode_prompts]
+        record["lengths"] = {"source": "e2e-test", "n": len(lengths), "mean": statistics.mean(lengths)}
         for precision in precisions:
             for bs in [int(b) for b in args.decode_batch.split(",")]:
-                row = bench_decode(args.shape, lengths, bs, precision, device)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                save(bench_decode(args.shape, lengths, bs, precision, device))
     else:
         lengths = _lengths(args.lengths, args.data)
+        record["lengths"] = {"source": args.lengths, "n": len(lengths), "mean": statistics.mean(lengths)}
         for precision in precisions:
             for path in paths:
                 for method in methods:
@@ -310,18 +321,9 @@ def main(argv: list[str] | None = None) -> None:
                         row = {"shape": args.shape, "method": method, "batch": args.batch,
                                "precision": precision, "path": path,
                                "error": f"{type(e).__name__}: {e}"[:2000]}
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+                    save(row)
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-    run_id = args.name or records.new_run_id()
-    record = {"run_id": run_id, "kind": "bench-decode" if args.decode else "bench",
-              "args": {k: str(v) for k, v in vars(args).items()},
-              "lengths": {"source": "e2e-test" if args.decode else args.lengths, "n": len(lengths),
-                          "mean": statistics.mean(lengths)},
-              "rows": rows, "git": records.git_state(), "machine": records.machine(device),
-              "versions": records.versions()}
-    records.write_json_atomic(args.out / f"{run_id}.json", record)
     print(render(record))
 
 

@@ -301,16 +301,14 @@ def graph_path(cfg: Any, device: torch.device, method: Method) -> bool:
     if not method.graph_safe:
         reasons.append(f"method {method.name!r} changes the computation from step to step on the "
                        "host (graph-safe methods: " + ", ".join(sorted(graph_safe_methods())) + ")")
-    if cfg.get("compile", False) and cfg.get("compile_mode") == "reduce-overhead":
-        reasons.append("train.compile_mode=reduce-overhead records CUDA graphs itself (use "
-                       "train.compile_mode=null with train.cuda_graph, or cuda_graph=false)")
+    if cfg.get("compile", False):
+        reasons.append("train.compile is on (one fast path at a time)")
     if reasons:
         if choice is True:
             raise ConfigError("train.cuda_graph=true cannot be used: " + "; ".join(reasons))
         log.info("plain step (train.cuda_graph=auto): %s", "; ".join(reasons))
         return False
-    log.info("CUDA-graph step: one graph per batch shape (train.cuda_graph=%s%s)", choice,
-             ", of the torch.compile'd forward and backward" if cfg.get("compile", False) else "")
+    log.info("CUDA-graph step: one graph per batch shape (train.cuda_graph=%s)", choice)
     return True
 
 
