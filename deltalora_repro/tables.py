@@ -369,10 +369,25 @@ class Grid(NamedTuple):
     superseded: list[Record]  # older runs of the same (row, column, seed), not used
 
 
+def belongs(spec: TableSpec, record: Record) -> bool:
+    """Which runs a table may use: a run of an experiment config (`experiment=table7/...`) only
+    that table, so a study's settings (a reduced training set, a sweep) never fill another table's
+    cell; a run without one, any table whose row settings it matches."""
+    experiment = record.get("experiment")
+    return experiment is None or str(experiment).startswith(f"table{spec.number}/")
+
+
+def _unique(records: Iterable[Record]) -> list[Record]:
+    seen: dict[str, Record] = {}
+    for r in records:
+        seen.setdefault(r["run_id"], r)
+    return list(seen.values())
+
+
 def build_grid(spec: TableSpec, records: Sequence[Record], model: str) -> Grid:
     """Cells of `spec` for the runs of `model`, as strings, with the records behind them."""
     paper = spec.paper
-    ours = [r for r in records if r["model"] == model and r["task"] in spec.tasks]
+    ours = [r for r in records if r["model"] == model and r["task"] in spec.tasks and belongs(spec, r)]
     has_params = "params" in paper
     header = ["Method", *(["Trainable", "Extra updated"] if has_params else [])]
     header += [c.label for c in spec.columns] + (["AVG"] if spec.average else [])
@@ -412,7 +427,7 @@ def build_grid(spec: TableSpec, records: Sequence[Record], model: str) -> Grid:
             ]
         rows.append([spec.labels.get(key, LABELS.get(key, key)), *cells])
         used += row_used
-    return Grid(header, rows, used, superseded)
+    return Grid(header, rows, _unique(used), _unique(superseded))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,7 +473,10 @@ def _provenance(record: Record) -> list[str]:
     machine = record.get("machine", {})
     where = " / ".join(str(machine[k]) for k in ("hostname", "device_name") if machine.get(k)) or "?"
     run = f"`{record['run_id']}`"
-    return [run, record["task"], record["method"], str(record["seed"]), f"`{commit}`", where]
+    train = (record.get("data") or {}).get("train") or {}
+    cfg = (record.get("config") or {}).get("train") or {}
+    setting = f"{cfg.get('epochs', '?')} ep, {train.get('rows_used', '?')} rows, {record.get('total_steps', '?')} steps"
+    return [run, record["task"], record["method"], str(record["seed"]), setting, f"`{commit}`", where]
 
 
 def render_table(
@@ -469,7 +487,8 @@ def render_table(
     lines = [f"## Table {spec.number}: {spec.paper['caption']}", "", _model_line(spec, model), ""]
     lines += _md_table(grid.header, grid.rows)
     lines += ["", _legend(spec)]
-    not_done = [r for r in skipped if r.get("model") == model and r.get("task") in spec.tasks]
+    not_done = [r for r in skipped if r.get("model") == model and r.get("task") in spec.tasks
+                and belongs(spec, r)]
     if not_done:
         ids = ", ".join(f"`{r.get('run_id', '?')}` ({r.get('status')})" for r in not_done)
         lines += ["", f"Not completed, not shown: {len(not_done)} run(s): {ids}."]
@@ -478,7 +497,7 @@ def render_table(
         lines += ["", f"Superseded by a later run of the same seed: {ids}."]
     lines += ["", "Records used:", ""]
     if grid.used:
-        header = ["run_id", "task", "method", "seed", "commit", "machine"]
+        header = ["run_id", "task", "method", "seed", "training", "commit", "machine"]
         lines += _md_table(header, map(_provenance, grid.used))
     else:
         lines += ["(none yet)"]

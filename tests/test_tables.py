@@ -39,7 +39,7 @@ def _record(
         "model": model,
         "method": method,
         "seed": seed,
-        "experiment": f"{task}/{method}",
+        "experiment": None,                      # a plain command-line run
         "config": config or {},
         "metrics": {"primary": "accuracy", "evals": [best], "best": best, "final": final or best},
         "params": {"trainable": 294912, "extra_updated": 14155776 if method == "delta-lora" else 0},
@@ -274,3 +274,18 @@ def test_e2e_runs_land_in_their_tables() -> None:
     assert _cells(t7, "λ = 0")[0] == "– (paper 68.94)"
     t8 = tables.render_table(spec[8], records, "gpt2-medium")
     assert _cells(t8, "K = 500")[0] == "70.84 (paper 70.84)"
+
+
+def test_study_runs_stay_in_their_study_table(tmp_path):
+    """A Table 7 sweep run (reduced training set) fills its λ row in Table 7 and never a Table 1
+    cell; a run without an experiment config may fill any table whose row settings it matches."""
+    from deltalora_repro.tables import SPECS_BY_NUMBER, belongs
+    sweep = _record("e2e", "delta-lora", 0, 0.7)
+    sweep["experiment"] = "table7/update-ratio"
+    plain = _record("e2e", "delta-lora", 0, 0.7)
+    main = _record("glue/rte", "lora", 0, 0.7)
+    main["experiment"] = "table4/lora"
+    t1, t4, t7 = (SPECS_BY_NUMBER[n] for n in (1, 4, 7))
+    assert belongs(t7, sweep) and not belongs(t1, sweep)
+    assert belongs(t1, plain) and belongs(t7, plain)
+    assert belongs(t4, main) and not belongs(t1, main)
