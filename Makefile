@@ -2,7 +2,7 @@
 PYTHON ?= .venv/bin/python
 DATA ?= ../shared/data
 
-.PHONY: install test test-all tables quick bench bench-e2e bench-512 bench-decode bench-glue bench-xsum bench-smollm2
+.PHONY: install test test-all tables quick smoke bench bench-e2e bench-512 bench-decode bench-glue bench-xsum bench-smollm2
 
 # torch is pinned: an unpinned torch pulls a multi-GB CUDA build. On a GPU machine install the
 # torch build you want first; `pip install -e .` then keeps it.
@@ -52,3 +52,24 @@ bench-xsum:         ## BART-large shape, batch 64 at the XSum sample's source le
 bench-smollm2:      ## SmolLM2-135M shape (our gpt2-medium stand-in), batch 8 at real E2E lengths
 	$(BENCH) --shape smollm2-135m --methods peft-lora,lora,delta-lora --lengths e2e --batch 8 \
 	  --precision bf16 --paths plain,graph --steps 100 --warmup 30
+
+# Tiny-model versions of every study (Tables 5-8), XSum (Table 3) and Figure 3 on CPU, on real
+# data subsets; then the tables and the figure from those records. Records: outputs/smoke/results.
+SMOKE ?= outputs/smoke/results
+RUN = $(PYTHON) -m deltalora_repro results_dir=$(SMOKE) train.checkpoint=false
+E2E_TINY = model=tiny-gpt2 data_dir=$(DATA)/e2e task.train_max_examples=32 task.eval_max_examples=16 \
+  task.test_max_groups=8 task.decoding.num_beams=2 task.decoding.max_new_tokens=16 train.epochs=1 \
+  train.warmup_steps=1
+smoke:              ## every study, XSum and Figure 3 with tiny models on CPU (about 10 minutes)
+	$(RUN) experiment=table5/lora $(E2E_TINY)
+	$(RUN) experiment=table5/delta-lora-branch-dropout $(E2E_TINY) method.start_steps=1
+	$(RUN) experiment=table5/delta-lora $(E2E_TINY) method.start_steps=1
+	$(RUN) -m experiment=table6/lora-lr $(E2E_TINY)
+	$(RUN) -m experiment=table7/update-ratio $(E2E_TINY) method.start_steps=1
+	$(RUN) -m experiment=table8/start-steps $(E2E_TINY)
+	$(RUN) experiment=table3/delta-lora model=tiny-bart data_dir=$(DATA)/xsum \
+	  task.local_file=test_sample.jsonl '+task.local_split={train:[0,32],validation:[32,40],test:[300,308]}' \
+	  train.epochs=1 train.batch_size=8 train.warmup_steps=1 task.decoding.max_new_tokens=16
+	for m in ft lora delta-lora; do $(RUN) method=$$m $(E2E_TINY) save_weights=true task.score=false \
+	  '++method.start_steps=0' output_dir=outputs/smoke/figure3-$$m; done
+	$(PYTHON) -m deltalora_repro.tables --results $(SMOKE)

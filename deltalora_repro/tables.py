@@ -578,8 +578,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         (out_dir / name).write_text(text, encoding="utf-8")
         if name.endswith(".md"):
             print(text)
+    from .figure3 import render_all as render_figures
+    figures = render_figures(args.results)
     (args.results / "README.md").write_text(render_index(args.results), encoding="utf-8")
-    print(f"wrote {len(files)} files to {out_dir} and the index {args.results / 'README.md'}")
+    print(f"wrote {len(files)} files to {out_dir}, {len(figures)} Figure 3 files to "
+          f"{args.results / 'figures'} and the index {args.results / 'README.md'}")
 
 
 def render_index(results_dir: Path) -> str:

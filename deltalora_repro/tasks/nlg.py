@@ -21,6 +21,17 @@ from .base import Task, pad_to
 log = logging.getLogger(__name__)
 
 
+class _RightPaddingIsIntended(logging.Filter):
+    """Hugging Face warns once when padded input_ids come without a mask; here that is deliberate
+    (see causal_logits), so the warning would only mislead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "passing in an `attention_mask`" not in record.getMessage()
+
+
+logging.getLogger("transformers.modeling_utils").addFilter(_RightPaddingIsIntended())
+
+
 def causal_logits(model, batch) -> torch.Tensor:
     """Logits of a right-padded batch under causal attention, without the padding mask.
 

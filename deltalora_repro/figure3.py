@@ -1,0 +1,139 @@
+"""Figure 3: per transformer block, the cosine similarity between the fine-tuned and the pretrained
+Wq and Wv, for fine-tuning, LoRA (merged: W + s B A) and Delta-LoRA (W_T + s B_T A_T).
+
+    python -m deltalora_repro.figure3 RUN_DIR [RUN_DIR ...] --out results/figures/figure3_e2e__gpt2-medium
+    make tables        # also draws Figure 3 for every task x model with saved runs
+
+A run directory is a finished run's output_dir with `save_weights=true` (run.json and
+weights.safetensors). The pretrained weights are rebuilt the way the run built them (the hub or
+package model, or the seeded random init of a tiny model), so the comparison needs nothing else.
+Writes a CSV (one row per run x adapted weight) and a PNG (one line per run and projection).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from .adapters import find_sites, weight_slice
+from .errors import ConfigError
+from .models import load_backbone
+from .tasks.base import build_task
+
+FIELDS = ["run_id", "task", "model", "method", "module", "stack", "block", "proj", "cosine"]
+
+
+def _block(module_name: str) -> tuple[str, int]:
+    """(stack, block index): BART has an encoder and a decoder stack, the others one."""
+    match = re.search(r"(?:^|\.)(\d+)\.", module_name)
+    if match is None:
+        raise ConfigError(f"no block index in module name {module_name!r}")
+    stack = "decoder" if ".decoder." in f".{module_name}" else "encoder" if ".encoder." in f".{module_name}" else ""
+    if "encoder_attn" in module_name:
+        stack = "decoder-cross"
+    return stack, int(match.group(1))
+
+
+@torch.no_grad()
+def similarities(run_dir: Path) -> list[dict]:
+    """One row per adapted Wq / Wv slice of the run: cos(W_finetuned, W_pretrained)."""
+    from .export import load_trained, merge
+    model, _, record = load_trained(run_dir)
+    merged = merge(model)
+    cfg = OmegaConf.create(record["config"])
+    task = build_task(cfg.task, cfg.data_dir)
+    base, _, _ = load_backbone(cfg.model, task.head, seed=cfg.seed,
+                               overrides=cfg.task.get("model_overrides"), **task.model_kwargs())
+    rows = []
+    for site in find_sites(base):
+        w0 = weight_slice(base.get_submodule(site.module_name), site).float().flatten()
+        w1 = weight_slice(merged.get_submodule(site.module_name), site).float().flatten()
+        stack, block = _block(site.module_name)
+        rows.append({"run_id": record["run_id"], "task": record["task"], "model": record["model"],
+                     "method": record["method"], "module": site.module_name, "stack": stack,
+                     "block": block, "proj": site.proj,
+                     "cosine": float(torch.nn.functional.cosine_similarity(w0, w1, dim=0))})
+    return rows
+
+
+def write(rows: list[dict], out: Path) -> list[Path]:
+    """out.csv and out.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".csv"), "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    panels = sorted({(r["stack"], r["proj"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, (stack, proj) in zip(axes[0], panels):
+        for run_id in dict.fromkeys(r["run_id"] for r in rows):
+            pts = sorted((r["block"], r["cosine"]) for r in rows
+                         if r["run_id"] == run_id and r["stack"] == stack and r["proj"] == proj)
+            if pts:
+                method = next(r["method"] for r in rows if r["run_id"] == run_id)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
+                        label=f"{method} ({run_id[-6:]})")
+        ax.set_title(f"W{proj}" + (f", {stack}" if stack else ""))
+        ax.set_xlabel("block")
+        ax.set_ylabel("cos(fine-tuned, pretrained)")
+        ax.legend(fontsize=7)
+    first = rows[0]
+    fig.suptitle(f"Figure 3: {first['task']}, {first['model']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+    plt.close(fig)
+    return [out.with_suffix(".csv"), out.with_suffix(".png")]
+
+
+def runs_with_weights(results_dir: Path) -> dict[tuple[str, str], list[Path]]:
+    """Completed runs whose saved weights still exist, by (task, model); the latest per method."""
+    found: dict[tuple[str, str], dict[str, tuple[str, Path]]] = {}
+    for f in sorted((results_dir / "records").rglob("*.json")):
+        record = json.loads(f.read_text())
+        weights = Path((record.get("weights") or {}).get("path", ""))
+        if record.get("status") != "completed" or not weights.is_file():
+            continue
+        if record["method"] not in ("ft", "lora", "delta-lora"):
+            continue
+        slot = found.setdefault((record["task"], record["model"]), {})
+        if record["method"] not in slot or slot[record["method"]][0] < record["run_id"]:
+            slot[record["method"]] = (record["run_id"], weights.parent)
+    return {key: [d for _, d in sorted(v.values())] for key, v in found.items()}
+
+
+def render_all(results_dir: Path) -> list[Path]:
+    written = []
+    for (task, model), dirs in sorted(runs_with_weights(results_dir).items()):
+        rows = [row for d in dirs for row in similarities(d)]
+        stem = f"figure3_{task.replace('/', '-')}__{model}"
+        written += write(rows, results_dir / "figures" / stem)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m deltalora_repro.figure3", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dirs", type=Path, nargs="+")
+    ap.add_argument("--out", type=Path, required=True, help="path stem: writes STEM.csv and STEM.png")
+    args = ap.parse_args(argv)
+    try:
+        rows = [row for d in args.run_dirs for row in similarities(d)]
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in write(rows, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
