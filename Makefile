@@ -56,8 +56,9 @@ bench-smollm2:      ## SmolLM2-135M shape (our gpt2-medium stand-in), batch 8 at
 # Tiny-model versions of every study (Tables 5-8), XSum (Table 3) and Figure 3 on CPU, on real
 # data subsets; then the tables and the figure from those records. Records: outputs/smoke/results.
 SMOKE ?= outputs/smoke/results
-RUN = $(PYTHON) -m deltalora_repro results_dir=$(SMOKE) train.checkpoint=false
-E2E_TINY = model=tiny-gpt2 data_dir=$(DATA)/e2e task.train_max_examples=32 task.eval_max_examples=16 \
+RUN = $(PYTHON) -m deltalora_repro
+OUT_ARGS = results_dir=$(SMOKE) train.checkpoint=false
+E2E_TINY = $(OUT_ARGS) model=tiny-gpt2 data_dir=$(DATA)/e2e task.train_max_examples=32 task.eval_max_examples=16 \
   task.test_max_groups=8 task.decoding.num_beams=2 task.decoding.max_new_tokens=16 train.epochs=1 \
   train.warmup_steps=1
 smoke:              ## every study, XSum and Figure 3 with tiny models on CPU (about 10 minutes)
@@ -67,8 +68,8 @@ smoke:              ## every study, XSum and Figure 3 with tiny models on CPU (a
 	$(RUN) -m experiment=table6/lora-lr $(E2E_TINY)
 	$(RUN) -m experiment=table7/update-ratio $(E2E_TINY) method.start_steps=1
 	$(RUN) -m experiment=table8/start-steps $(E2E_TINY)
-	$(RUN) experiment=table3/delta-lora model=tiny-bart data_dir=$(DATA)/xsum \
-	  task.local_file=test_sample.jsonl '+task.local_split={train:[0,32],validation:[32,40],test:[300,308]}' \
+	$(RUN) experiment=table3/delta-lora $(OUT_ARGS) model=tiny-bart data_dir=$(DATA)/xsum \
+	  task.local_file=test_sample.jsonl 'task.local_split={train:[0,32],validation:[32,40],test:[300,308]}' \
 	  train.epochs=1 train.batch_size=8 train.warmup_steps=1 task.decoding.max_new_tokens=16
 	for m in ft lora delta-lora; do $(RUN) method=$$m $(E2E_TINY) save_weights=true task.score=false \
 	  '++method.start_steps=0' output_dir=outputs/smoke/figure3-$$m; done

@@ -24,6 +24,9 @@ from . import records
 
 def score_predictions(task: str, rows: list[dict]) -> dict:
     preds = [r["prediction"] for r in rows]
+    if task == "xsum":
+        from .metrics.xsum import xsum_rouge
+        return xsum_rouge(preds, [r["reference"] for r in rows])
     refs = [r["references"] for r in rows]
     if task == "e2e":
         from .metrics.e2e import e2e_metrics
@@ -31,7 +34,7 @@ def score_predictions(task: str, rows: list[dict]) -> dict:
     if task == "webnlg":
         from .metrics.webnlg import webnlg_metrics_by_split
         return webnlg_metrics_by_split(preds, refs, [bool(r["seen"]) for r in rows])
-    raise SystemExit(f"error: run task {task!r} has no decoded outputs to score (e2e, webnlg)")
+    raise SystemExit(f"error: run task {task!r} has no decoded outputs to score (e2e, webnlg, xsum)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     data = pred_file.read_bytes()
     rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
-    expected = run["data"]["test"]["groups_decoded"]
+    test = run["data"]["test"]
+    expected = test.get("groups_decoded", test.get("rows_used"))   # NLG: distinct inputs; XSum: rows
     if len(rows) != expected:
         print(f"error: {pred_file} has {len(rows)} predictions, the run decoded {expected}",
               file=sys.stderr)

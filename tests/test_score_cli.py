@@ -172,3 +172,25 @@ def test_real_command_end_to_end(tmp_path) -> None:
     out = json.loads(proc.stdout)
     assert set(out) == {"bleu", "nist", "meteor", "rouge_l", "cider"}
     assert 0 < out["bleu"] < 1 and 0 < out["meteor"] < 1
+
+
+def test_score_run_scores_kept_xsum_predictions_and_checks_their_count(tmp_path):
+    """score_run re-scores a run's kept predictions into results/scores/ (never touching the run
+    record) and refuses a predictions file of the wrong length."""
+    from deltalora_repro.metrics.xsum import xsum_rouge
+    from deltalora_repro.score_run import main
+    rows = [{"id": "1", "prediction": "The cat sat on the mat.", "reference": "A cat sat on a mat."},
+            {"id": "2", "prediction": "Rain is due.", "reference": "Heavy rain is expected today."}]
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    record = {"run_id": "r1", "task": "xsum", "model": "tiny-bart", "method": "lora",
+              "data": {"test": {"rows_used": 2}}, "output_dir": str(tmp_path)}
+    rec = tmp_path / "r1.json"
+    rec.write_text(json.dumps(record))
+    assert main([str(rec), "--predictions", str(preds), "--results", str(tmp_path / "results")]) == 0
+    out = json.loads((tmp_path / "results/scores/xsum/tiny-bart/lora/r1.json").read_text())
+    assert out["metrics"] == xsum_rouge([r["prediction"] for r in rows], [r["reference"] for r in rows])
+    assert 0 < out["metrics"]["rouge1"] < 1 and out["predictions"]["n"] == 2
+    record["data"]["test"]["rows_used"] = 3
+    rec.write_text(json.dumps(record))
+    assert main([str(rec), "--predictions", str(preds), "--results", str(tmp_path / "r2")]) == 2

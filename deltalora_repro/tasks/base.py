@@ -74,7 +74,8 @@ def pad_to(length: int, multiple: int) -> int:
 def build_task(cfg: Any, data_dir: str | None) -> Task:
     from .glue import GlueTask
     from .nlg import E2ETask, WebNLGTask
-    families = {"glue": GlueTask, "e2e": E2ETask, "webnlg": WebNLGTask}
+    from .xsum import XSumTask
+    families = {"glue": GlueTask, "e2e": E2ETask, "webnlg": WebNLGTask, "xsum": XSumTask}
     if cfg.family not in families:
         raise ConfigError(f"task family {cfg.family!r} is not available; valid: {sorted(families)}")
     return families[cfg.family](cfg, data_dir)
