@@ -61,13 +61,14 @@ OUT_ARGS = results_dir=$(SMOKE) train.checkpoint=false
 E2E_TINY = $(OUT_ARGS) model=tiny-gpt2 data_dir=$(DATA)/e2e task.train_max_examples=32 task.eval_max_examples=16 \
   task.test_max_groups=8 task.decoding.num_beams=2 task.decoding.max_new_tokens=16 train.epochs=1 \
   train.warmup_steps=1
+# (Tables 7 and 8 on three of their values each; the full sweeps are the experiments' defaults.)
 smoke:              ## every study, XSum and Figure 3 with tiny models on CPU (about 10 minutes)
 	$(RUN) experiment=table5/lora $(E2E_TINY)
 	$(RUN) experiment=table5/delta-lora-branch-dropout $(E2E_TINY) method.start_steps=1
 	$(RUN) experiment=table5/delta-lora $(E2E_TINY) method.start_steps=1
 	$(RUN) -m experiment=table6/lora-lr $(E2E_TINY)
-	$(RUN) -m experiment=table7/update-ratio $(E2E_TINY) method.start_steps=1
-	$(RUN) -m experiment=table8/start-steps $(E2E_TINY)
+	$(RUN) -m experiment=table7/update-ratio $(E2E_TINY) method.start_steps=1 'method.update_ratio=0,2,5'
+	$(RUN) -m experiment=table8/start-steps $(E2E_TINY) 'method.start_steps=0,2,1000'
 	$(RUN) experiment=table3/delta-lora $(OUT_ARGS) model=tiny-bart data_dir=$(DATA)/xsum \
 	  task.local_file=test_sample.jsonl 'task.local_split={train:[0,32],validation:[32,40],test:[300,308]}' \
 	  train.epochs=1 train.batch_size=8 train.warmup_steps=1 task.decoding.max_new_tokens=16
