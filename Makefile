@@ -67,7 +67,7 @@ smoke:              ## every study, XSum and Figure 3 with tiny models on CPU (a
 	$(RUN) experiment=table5/delta-lora-branch-dropout $(E2E_TINY) method.start_steps=1
 	$(RUN) experiment=table5/delta-lora $(E2E_TINY) method.start_steps=1
 	$(RUN) -m experiment=table6/lora-lr $(E2E_TINY)
-	$(RUN) -m experiment=table7/update-ratio $(E2E_TINY) method.start_steps=1 'method.update_ratio=0,2,5'
+	$(RUN) -m experiment=table7/update-ratio $(E2E_TINY) 'method.update_ratio=0,2,5'
 	$(RUN) -m experiment=table8/start-steps $(E2E_TINY) 'method.start_steps=0,2,1000'
 	$(RUN) experiment=table3/delta-lora $(OUT_ARGS) model=tiny-bart data_dir=$(DATA)/xsum \
 	  task.local_file=test_sample.jsonl 'task.local_split={train:[0,32],validation:[32,40],test:[300,308]}' \

@@ -403,7 +403,11 @@ def build_grid(spec: TableSpec, records: Sequence[Record], model: str) -> Grid:
         for column in spec.columns:
             # One run per seed: a rerun supersedes (run ids start with their UTC start time).
             latest: dict[Any, Record] = {}
-            for r in sorted((r for r in in_row if r["task"] == column.task), key=lambda r: r["run_id"]):
+            # A run without this metric (decoded but not scored yet) neither fills the cell nor
+            # hides an older run of the same seed that has it.
+            scored = (r for r in in_row if r["task"] == column.task
+                      and _metric(r, spec, column) is not None)
+            for r in sorted(scored, key=lambda r: r["run_id"]):
                 if r["seed"] in latest:
                     superseded.append(latest[r["seed"]])
                 latest[r["seed"]] = r

@@ -289,3 +289,19 @@ def test_study_runs_stay_in_their_study_table(tmp_path):
     assert belongs(t7, sweep) and not belongs(t1, sweep)
     assert belongs(t1, plain) and belongs(t7, plain)
     assert belongs(t4, main) and not belongs(t1, main)
+
+
+def test_an_unscored_rerun_does_not_hide_a_scored_run() -> None:
+    """A later run of the same seed that was decoded but not scored (no BLEU yet) leaves the
+    older scored run in the cell; once a later run has the metric, it supersedes."""
+    scored = _e2e("lora", 0.6960)
+    unscored = _e2e("lora", 0.0)
+    unscored["run_id"] = "20261122-170000-lora-unscored"
+    unscored["metrics"]["final"] = {"val_loss": 1.2}
+    unscored["config"]["task"] = {"score": False}          # decoded on the GPU, scored later
+    t1 = tables.render_table(tables.SPECS_BY_NUMBER[1], [scored, unscored], "gpt2-medium")
+    assert _cells(t1, "LoRA")[2] == "69.60 (paper 69.60)"
+    later = _e2e("lora", 0.7000)
+    later["run_id"] = "20261122-180000-lora-later"
+    t1 = tables.render_table(tables.SPECS_BY_NUMBER[1], [scored, unscored, later], "gpt2-medium")
+    assert _cells(t1, "LoRA")[2] == "70.00 (paper 69.60)"
