@@ -112,6 +112,11 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.use_graphs:
+            # A checkpoint may come from the plain path (lr a float) or another device; the
+            # recorded steps must read the lr from a device tensor that the scheduler updates.
+            for group in self.optimizer.param_groups:
+                group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
         self.method.load_state_dict(state["method"])
