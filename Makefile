@@ -64,8 +64,8 @@ E2E_TINY = $(OUT_ARGS) model=tiny-gpt2 data_dir=$(DATA)/e2e task.train_max_examp
 # (Tables 7 and 8 on three of their values each; the full sweeps are the experiments' defaults.)
 smoke:              ## every study, XSum and Figure 3 with tiny models on CPU (about 10 minutes)
 	$(RUN) experiment=table5/lora $(E2E_TINY)
-	$(RUN) experiment=table5/delta-lora-branch-dropout $(E2E_TINY) method.start_steps=1
-	$(RUN) experiment=table5/delta-lora $(E2E_TINY) method.start_steps=1
+	$(RUN) experiment=table5/delta-lora-branch-dropout $(E2E_TINY)
+	$(RUN) experiment=table5/delta-lora $(E2E_TINY)
 	$(RUN) -m experiment=table6/lora-lr $(E2E_TINY)
 	$(RUN) -m experiment=table7/update-ratio $(E2E_TINY) 'method.update_ratio=0,2,5'
 	$(RUN) -m experiment=table8/start-steps $(E2E_TINY) 'method.start_steps=0,2,1000'
