@@ -176,6 +176,20 @@ def test_adalora_total_rank_falls_to_target(tmp_path):
     assert 0 < alive <= 2 * n_modules   # pruned singular values are really zeroed
 
 
+def test_adalora_too_short_for_a_budget_is_a_clear_error(tmp_path):
+    """Two optimizer steps leave AdaLoRA no importance-scoring step before its final budget:
+    a ConfigError naming the way out, not PEFT's KeyError mid-training; three steps train."""
+    from deltalora_repro.errors import ConfigError
+    short = [a for a in SMALL if not a.startswith("task.train_max_examples")]
+    with pytest.raises(ConfigError, match="at least one optimizer step before its final budget"):
+        build(make_cfg("model=tiny-roberta", "method=adalora", *short,
+                       "task.train_max_examples=16", tmp_path=tmp_path))
+    *_, trainer = build(make_cfg("model=tiny-roberta", "method=adalora", *short,
+                                 "task.train_max_examples=24", tmp_path=tmp_path))
+    trainer.fit()
+    assert trainer.step == 3
+
+
 def test_adalora_regulariser_reaches_the_loss(tmp_path):
     cfg = make_cfg("model=tiny-roberta", "method=adalora", *SMALL, tmp_path=tmp_path)
     task, model, m, trainer = build(cfg)

@@ -12,6 +12,7 @@ from peft import AdaLoraConfig, get_peft_model
 from torch import nn
 
 from ..adapters import family_of, find_sites
+from ..errors import ConfigError
 from .base import Method, register
 
 
@@ -27,6 +28,13 @@ class AdaLoRA(Method):
         tinit = cfg.tinit if cfg.tinit is not None else max(0, self.total_steps // 10)
         if tinit + tfinal >= self.total_steps:
             tinit, tfinal = 0, max(1, self.total_steps // 2)
+        if self.total_steps - tfinal < 2:
+            # PEFT fixes the final budget at step total - tfinal from the importance scores of the
+            # steps before it; with none, it fails deep inside with a KeyError.
+            raise ConfigError(
+                f"adalora needs at least one optimizer step before its final budget is fixed: "
+                f"{self.total_steps} steps in all with method.tfinal={tfinal} leaves none; "
+                "train for more steps (3 at least) or lower method.tfinal")
         self.peft_config = AdaLoraConfig(
             init_r=cfg.rank, target_r=cfg.target_rank, lora_alpha=cfg.alpha,
             lora_dropout=cfg.lora_dropout, target_modules=targets,
