@@ -19,9 +19,9 @@ from deltalora_repro.tasks.e2e_data import (
     tokenize_moses_style,
     tokenize_spacy_style,
 )
+from .conftest import DATA
 
-# The shared data sits beside the repository, never inside it (see shared/data/SOURCES.md).
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = DATA   # beside the repository, never inside it (see shared/data/SOURCES.md)
 E2E_DIR = SHARED_DATA / "e2e"
 LORA_DIR = E2E_DIR / "lora_format"
 

@@ -18,9 +18,9 @@ from deltalora_repro.tasks.glue_data import (
     load_glue_split,
     valid_splits,
 )
+from .conftest import DATA
 
-# The shared data sits beside the repository, never inside it (see shared/data/SOURCES.md).
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = DATA   # beside the repository, never inside it (see shared/data/SOURCES.md)
 GLUE_DIR = SHARED_DATA / "glue"
 
 needs_glue = pytest.mark.skipif(

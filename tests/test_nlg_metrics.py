@@ -22,7 +22,6 @@ import csv
 import math
 import re
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 import sacrebleu
@@ -41,8 +40,8 @@ from deltalora_repro.metrics.webnlg import (
     webnlg_metrics_by_split,
     webnlg_scores,
 )
+from .conftest import DATA
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 E2E_TEST = DATA / "e2e" / "testset_w_refs.csv"
 WEBNLG_TEST = DATA / "webnlg2017" / "webnlg_challenge_2017" / "test" / "testdata_with_lex.xml"
 

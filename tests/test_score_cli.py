@@ -18,9 +18,9 @@ from deltalora_repro import score
 from deltalora_repro.metrics import e2e as e2e_module
 from deltalora_repro.metrics import java
 from deltalora_repro.metrics import webnlg as webnlg_module
+from .conftest import DATA
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 needs_e2e = pytest.mark.skipif(not (DATA / "e2e" / "testset_w_refs.csv").is_file(), reason="E2E data not found")
 needs_webnlg = pytest.mark.skipif(not (DATA / "webnlg2017").is_dir(), reason="WebNLG data not found")
 

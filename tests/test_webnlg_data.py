@@ -22,9 +22,9 @@ from deltalora_repro.tasks.webnlg_data import (
     load_webnlg_entries,
     read_webnlg_xml,
 )
+from .conftest import DATA
 
-# The shared data sits beside the repository, never inside it (see shared/data/SOURCES.md).
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = DATA   # beside the repository, never inside it (see shared/data/SOURCES.md)
 WEBNLG_DIR = SHARED_DATA / "webnlg2017"
 CHALLENGE_DIR = WEBNLG_DIR / "webnlg_challenge_2017"
 LORA_DEV_JSON = WEBNLG_DIR / "lora_dev.json"
