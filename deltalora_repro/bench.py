@@ -146,7 +146,7 @@ class _PeftLoRA:
     def after_optimizer_step(self, step): pass
 
 
-PATHS = ("plain", "graph", "compile", "reduce-overhead")
+PATHS = ("plain", "graph", "graph-blocks", "compile", "compile-blocks", "reduce-overhead")
 
 
 def bench_one(shape: str, method_name: str, lengths: list[int], batch: int, precision: str,
@@ -169,8 +169,10 @@ def bench_one(shape: str, method_name: str, lengths: list[int], batch: int, prec
     tcfg = OmegaConf.create({"lr": 2e-4, "batch_size": batch, "grad_accum": 1, "weight_decay": 0.01,
                              "warmup_steps": 0, "warmup_ratio": 0.0, "max_grad_norm": None,
                              "precision": precision,
-                             "cuda_graph": path == "graph",
-                             "compile": path in ("compile", "reduce-overhead"),
+                             "cuda_graph": path in ("graph", "graph-blocks"),
+                             "compile": {"compile": True, "reduce-overhead": True,
+                                         "compile-blocks": "blocks",
+                                         "graph-blocks": "blocks"}.get(path, False),
                              "compile_backend": "inductor",
                              "compile_mode": "reduce-overhead" if path == "reduce-overhead" else None,
                              "compile_dynamic": None, "graph_update": True, "eval_batch_size": 8,
@@ -183,7 +185,14 @@ def bench_one(shape: str, method_name: str, lengths: list[int], batch: int, prec
     real_tokens = [sum(lengths[i] for i in row) for row in order]
     times = []
     torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
+    from torch._dynamo.utils import counters
+    counters.clear()
+    t_start = time.perf_counter()
     for k, mb in enumerate(batches):
+        if k == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            warmup_s = time.perf_counter() - t_start
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -205,7 +214,10 @@ def bench_one(shape: str, method_name: str, lengths: list[int], batch: int, prec
             "step_ms_p90": statistics.quantiles(times, n=10)[-1],
             "tokens_per_s": tok / (med / 1000), "mean_real_tokens_per_batch": tok,
             "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-            "steps": steps, "warmup": warmup}
+            "steps": steps, "warmup": warmup,
+            # Wall time of the warm-up steps: includes recording graphs and compiling.
+            "warmup_wall_s": warmup_s,
+            "compiled_graphs": counters["stats"].get("unique_graphs", 0)}
 
 
 def _decode_prompt_lengths(data_dir: Path) -> list[int]:

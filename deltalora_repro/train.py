@@ -91,10 +91,21 @@ class Trainer:
         # to buckets, so with mode=reduce-overhead each bucket gets one CUDA graph. The plain path
         # stays the reference; tests/test_fast_path.py checks both give the same numbers.
         self.loss_fn = task.loss
-        if cfg.get("compile", False):
-            self.loss_fn = torch.compile(task.loss, backend=cfg.compile_backend,
-                                         mode=cfg.compile_mode if cfg.compile_backend == "inductor" else None,
+        scope = compile_scope(cfg)
+        mode = cfg.compile_mode if cfg.compile_backend == "inductor" else None
+        if scope == "model":
+            self.loss_fn = torch.compile(task.loss, backend=cfg.compile_backend, mode=mode,
                                          dynamic=cfg.compile_dynamic)
+        elif scope == "blocks":
+            # Regional compilation: each repeated block (a transformer layer) is compiled, once
+            # for all layers of its class, and the rest stays eager. Compiles in a fraction of the
+            # whole model's time and fuses what costs most at small batches: the many small
+            # elementwise kernels (norms, casts, bias, activation, residuals, LoRA scaling) of
+            # every layer, forward and backward. Under train.cuda_graph the compiled kernels are
+            # recorded in the step graph like any others.
+            n = compile_blocks(model, backend=cfg.compile_backend, mode=mode,
+                               dynamic=cfg.compile_dynamic)
+            log.info("train.compile=blocks: compiled %d repeated blocks", n)
         # The data order depends on the seed alone and is restored on resume.
         self.generator = torch.Generator().manual_seed(seed)
         self.step = 0          # optimizer steps done
@@ -306,8 +317,13 @@ def graph_path(cfg: Any, device: torch.device, method: Method) -> bool:
     if not method.graph_safe:
         reasons.append(f"method {method.name!r} changes the computation from step to step on the "
                        "host (graph-safe methods: " + ", ".join(sorted(graph_safe_methods())) + ")")
-    if cfg.get("compile", False):
-        reasons.append("train.compile is on (one fast path at a time)")
+    scope = compile_scope(cfg)
+    if scope == "model":
+        reasons.append("train.compile=true compiles the whole step's forward (use "
+                       "train.compile=blocks with CUDA graphs)")
+    if scope == "blocks" and cfg.get("compile_mode") not in (None, "default", "max-autotune-no-cudagraphs"):
+        reasons.append(f"train.compile_mode={cfg.compile_mode} records CUDA graphs of its own "
+                       "(valid with CUDA graphs: null, default, max-autotune-no-cudagraphs)")
     if reasons:
         if choice is True:
             raise ConfigError("train.cuda_graph=true cannot be used: " + "; ".join(reasons))
@@ -315,6 +331,44 @@ def graph_path(cfg: Any, device: torch.device, method: Method) -> bool:
         return False
     log.info("CUDA-graph step: one graph per batch shape (train.cuda_graph=%s)", choice)
     return True
+
+
+COMPILE_CHOICES = ("false", "true", "model", "blocks")
+
+
+def compile_scope(cfg: Any) -> str | None:
+    """train.compile: false | true (= model: the whole loss function) | blocks (each repeated
+    transformer block). Returns None, "model" or "blocks"."""
+    choice = cfg.get("compile", False)
+    key = str(choice).lower() if isinstance(choice, (bool, str)) else None
+    if key not in COMPILE_CHOICES:
+        raise ConfigError(f"train.compile {choice!r}; valid: {', '.join(COMPILE_CHOICES)}")
+    return {"false": None, "true": "model", "model": "model", "blocks": "blocks"}[key]
+
+
+def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The elements of every ModuleList of two or more modules of one class (transformer layers:
+    GPT-2's `h`, Llama's `layers`, BERT's `layer`, BART's encoder and decoder `layers`),
+    outermost lists only."""
+    blocks, inside = [], set()
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(module, torch.nn.ModuleList) and len(module) >= 2 and \
+                len({type(m) for m in module}) == 1:
+            blocks.extend(module)
+            inside.add(name)
+    return blocks
+
+
+def compile_blocks(model: torch.nn.Module, backend: str, mode: str | None, dynamic) -> int:
+    blocks = repeated_blocks(model)
+    if not blocks:
+        raise ConfigError(f"train.compile=blocks: {type(model).__name__} has no repeated blocks "
+                          "(no ModuleList of same-class layers); use train.compile=true")
+    for block in blocks:
+        block.compile(backend=backend, mode=mode, dynamic=dynamic)
+    return len(blocks)
 
 
 def graph_safe_methods() -> list[str]:
