@@ -56,6 +56,8 @@ def validate(cfg: Any) -> None:
             good = False
         if not good:
             raise ConfigError(f"{key} must be {want}, got {value!r}")
+    from .train import compile_scope
+    compile_scope(t)                       # train.compile: a clear error before loading anything
     if t.max_steps is not None and t.max_steps <= 0:
         raise ConfigError(f"train.max_steps must be a positive integer or null, got {t.max_steps}")
     if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():

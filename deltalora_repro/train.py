@@ -234,7 +234,11 @@ class Trainer:
         torch.cuda.current_stream(self.device).wait_stream(side)
         self._restore(snap)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool, stream=side):
+        # Compiled blocks were compiled for this shape by the warm-up; a recompilation here would
+        # run inside the capture, which CUDA refuses with an unhelpful error. Fail clearly instead.
+        no_recompile = (torch.compiler.set_stance("fail_on_recompile")
+                        if compile_scope(self.cfg) == "blocks" else contextlib.nullcontext())
+        with no_recompile, torch.cuda.graph(graph, pool=self._graph_pool, stream=side):
             loss = self._step_body(inputs)
         log.info("recorded a CUDA graph for batch shape %s (%d so far)",
                  {k: tuple(v.shape) for k, v in batch.items()}, len(self._graphs) + 1)

@@ -42,8 +42,33 @@ def causal_logits(model, batch) -> torch.Tensor:
     (Hugging Face inspects a padding mask to decide whether it can be dropped), which the CUDA-graph
     step needs. tests/test_nlg_task.py checks the logits against the masked forward.
     use_cache=False: a training forward has no use for a KV cache (Llama builds one otherwise).
+
+    The forward runs under CAUSAL_SDPA, Hugging Face's own SDPA attention registered under a name
+    that has no mask builder, so no mask is built and SDPA runs with is_causal. Under plain "sdpa"
+    some transformers versions (5.17 among them) build a full 4-D causal mask whenever a CUDA
+    stream is being captured (it cannot tell a CUDA-graph capture from torch.export), so the
+    recorded step would differ from the warm-up: a slower masked kernel, and under
+    train.compile=blocks a recompilation in the middle of the capture, which CUDA refuses.
     """
-    return model(input_ids=batch["input_ids"], use_cache=False).logits
+    config = model.config
+    if config._attn_implementation != "sdpa":
+        return model(input_ids=batch["input_ids"], use_cache=False).logits
+    _register_causal_sdpa()
+    config._attn_implementation = CAUSAL_SDPA
+    try:
+        return model(input_ids=batch["input_ids"], use_cache=False).logits
+    finally:
+        config._attn_implementation = "sdpa"
+
+
+CAUSAL_SDPA = "deltalora_causal_sdpa"
+
+
+def _register_causal_sdpa() -> None:
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    if CAUSAL_SDPA not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(CAUSAL_SDPA, ALL_ATTENTION_FUNCTIONS["sdpa"])
 
 
 class NLGTask(Task):
