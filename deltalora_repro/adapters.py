@@ -124,6 +124,9 @@ class LoRALayer(nn.Module):
         # DyLoRA sets these; plain LoRA keeps the full rank.
         self.active_rank: int = rank
         self.frozen_lower_ranks = False
+        # Delta-LoRA's deferred update (DeltaUpdater.use_deferred) sets 1 + lambda here once it
+        # has begun; None: the branch is plain LoRA.
+        self.deferred_coef: float | None = None
 
     def factors(self, i: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(A, B, scaling) of slice i at the active rank (DyLoRA truncates; scaling alpha/b)."""
@@ -142,6 +145,8 @@ class LoRALayer(nn.Module):
         xd = self.dropout(x)
         for i, (start, stop) in enumerate(self.slices):
             a, b, scaling = self.factors(i)
+            if self.deferred_coef is not None:
+                a, b, scaling = self._deferred_factors(i, a, b, scaling)
             delta = (xd @ a.t().to(xd.dtype)) @ b.t().to(xd.dtype)
             # The scaling rides on the add (one kernel, not two).
             if start == 0 and stop == out.shape[-1]:
@@ -151,9 +156,38 @@ class LoRALayer(nn.Module):
                 out[..., start:stop].add_(delta, alpha=scaling)
         return out
 
+    def _deferred_factors(self, i: int, a, b, scaling: float):
+        """Rank-2r factors whose product is W_t - W + s B A under the deferred update.
+
+        Delta-LoRA's updates telescope: after step t >= K, W_t = W_K + lambda s (B_t A_t - B_K A_K),
+        so the forward's weight W_t + s B_t A_t equals W_K + s (1 + lambda) B_t A_t -
+        lambda s B_K A_K, with (A_K, B_K) the factors after step K (the prev_A/prev_B buffers).
+        With c = 1 + lambda that is W_K + s c [B_t, -(lambda / c) B_K] [A_t; A_K]: one rank-2r
+        branch, so W is never written during training. The factors' gradients must stay those of
+        s B_t A_t alone (dL/dW_t does not reach them, Algorithm 1), hence the 1 / c on their
+        backward; the input's gradient sees the whole weight, as with an updated W.
+        """
+        c = self.deferred_coef
+        a = torch.cat([_ScaleGrad.apply(a, 1.0 / c), getattr(self, f"prev_A{i}")], 0)
+        b = torch.cat([_ScaleGrad.apply(b, 1.0 / c), getattr(self, f"prev_B{i}") * ((1.0 - c) / c)], 1)
+        return a, b, scaling * c
+
     def merged_weight_delta(self, i: int) -> torch.Tensor:
         """s * B A for slice i in (out, in) orientation, at full rank."""
         return self.scaling * (self.lora_B[i] @ self.lora_A[i])
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient times a constant on the way back."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
 
 
 def inject_lora(model: nn.Module, rank: int, alpha: float, dropout: float) -> list[tuple[LoRALayer, int, Site]]:
@@ -242,12 +276,59 @@ class DeltaUpdater:
         torch._foreach_copy_(self.prev_a, cur_a)
         torch._foreach_copy_(self.prev_b, cur_b)
 
+    # -- deferred: the same updates, summed into the forward (LoRALayer._deferred_factors) --------
+    deferred = False       # use_deferred() was called
+    begun = False          # the snapshot (A_K, B_K) is taken and the branches carry the sum
+
+    def use_deferred(self) -> None:
+        """Apply the updates through the telescoped sum instead of writing W every step.
+
+        W stays W_K during training and costs no memory traffic; `materialise()` writes
+        W_T = W_K + lambda s (B_T A_T - B_K A_K) once, at the end (or whenever W is read).
+        Needs the branch input to be the layer input (no branch dropout), because the sum stands
+        for a change of W, which sees the undropped input."""
+        for layer, *_ in self.entries:
+            if not isinstance(layer.dropout, nn.Identity):
+                raise ConfigError("method.update=deferred needs method.lora_dropout=0 (the deferred "
+                                  "sum stands for a change of W, which sees the undropped input); "
+                                  "use method.update=explicit for the Table 5 ablation")
+        self.deferred = True
+
+    def begin_if_due(self, optimizer_step: int) -> None:
+        """Deferred mode: after step K (or at the start when K = 0), snapshot the factors and
+        let every branch carry the sum from then on."""
+        if not self.deferred or self.begun or self.update_ratio == 0.0 or \
+                optimizer_step < self.start_steps:
+            return
+        cur_a, cur_b = self.current()
+        torch._foreach_copy_(self.prev_a, cur_a)
+        torch._foreach_copy_(self.prev_b, cur_b)
+        for layer in {id(layer): layer for layer, *_ in self.entries}.values():
+            layer.deferred_coef = 1.0 + self.update_ratio
+        self.begun = True
+
+    def set_begun(self, begun: bool) -> None:
+        """Restore the deferred state from a checkpoint (the snapshot is in the model's buffers)."""
+        self.begun = bool(begun)
+        for layer, *_ in self.entries:
+            layer.deferred_coef = 1.0 + self.update_ratio if begun else None
+
+    @torch.no_grad()
+    def materialise(self) -> None:
+        """Deferred mode: write the summed updates into W and restart the sum from the current
+        factors. The model computes the same function before and after (up to rounding)."""
+        if self.deferred and self.begun:
+            self._apply(True)
+
     def step(self, optimizer_step: int) -> None:
         """Call after optimizer step number `optimizer_step` (1-based) has updated A and B.
 
         The update applies when optimizer_step > K; with K = 0 it applies from the first step and
         the updates telescope to W_T - W_0 = lambda * s * B_T A_T.
         """
+        if self.deferred:
+            self.begin_if_due(optimizer_step)
+            return
         update = optimizer_step > self.start_steps and self.update_ratio != 0.0
         if self._graphs is not None:
             self._graphs[update].replay()

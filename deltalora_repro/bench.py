@@ -19,6 +19,7 @@ JSON record to results/bench/ and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -155,6 +156,9 @@ def bench_one(shape: str, method_name: str, lengths: list[int], batch: int, prec
     model_type, head, kwargs = SHAPES[shape]
     cls = {"causal-lm": AutoModelForCausalLM, "classification": AutoModelForSequenceClassification,
            "seq2seq": AutoModelForSeq2SeqLM}[head]
+    # What the previous setting left allocated (it should be nothing: main() frees it), so that
+    # each row's peak is its own: reported and subtracted.
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     torch.manual_seed(seed)
     config = AutoConfig.for_model(model_type, **kwargs)
     model = cls.from_config(config).to(torch.float32)
@@ -213,7 +217,8 @@ def bench_one(shape: str, method_name: str, lengths: list[int], batch: int, prec
             "step_ms_p10": statistics.quantiles(times, n=10)[0],
             "step_ms_p90": statistics.quantiles(times, n=10)[-1],
             "tokens_per_s": tok / (med / 1000), "mean_real_tokens_per_batch": tok,
-            "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            "peak_memory_bytes": torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else None,
+            "allocated_before_bytes": before,
             "steps": steps, "warmup": warmup,
             # Wall time of the warm-up steps: includes recording graphs and compiling.
             "warmup_wall_s": warmup_s,
@@ -334,6 +339,9 @@ def main(argv: list[str] | None = None) -> None:
                                "precision": precision, "path": path,
                                "error": f"{type(e).__name__}: {e}"[:2000]}
                     save(row)
+                    # Free the setting's model, graphs and compiled code before the next one.
+                    gc.collect()
+                    torch._dynamo.reset()
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
     print(render(record))

@@ -83,6 +83,7 @@ class Trainer:
             param_groups(model, cfg.weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8,
             **opt_kwargs)
         self._graphs: dict[tuple, _StepGraph] = {}
+        self._graph_phase = None
         self._graph_pool = None
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(
             cfg.warmup_ratio * n_total_steps)
@@ -190,6 +191,11 @@ class Trainer:
     def _graph_step(self, micro_batches: list[dict]) -> torch.Tensor:
         (batch,) = micro_batches          # graph_path() guarantees grad_accum == 1
         self.method.on_step_start(self.step)
+        phase = self.method.graph_phase()
+        if phase != self._graph_phase:
+            # The method's step changed (Delta-LoRA's deferred sum began): record anew.
+            self._graphs.clear()
+            self._graph_phase = phase
         key = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(batch.items()))
         entry = self._graphs.get(key)
         if entry is None:
@@ -294,6 +300,7 @@ class Trainer:
                      {k: round(v, 4) for k, v in metrics.items()})
             if on_epoch_end is not None:
                 on_epoch_end(self)
+        self.method.on_train_end()
 
 
 class _StepGraph:

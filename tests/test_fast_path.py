@@ -93,8 +93,11 @@ TINY_E2E = [f"data_dir={E2E}", "task=e2e", "model=tiny-gpt2", "task.train_max_ex
             "task.eval_max_examples=16", "train.batch_size=8", "train.epochs=2",
             "train.checkpoint=false", "train.log_every=1000", "train.warmup_steps=2",
             "train.lr=1e-2"]
-METHOD_ARGS = {"lora": ["method.lora_dropout=0.0"], "ft-qv": [],
-               "delta-lora": ["method.lora_dropout=0.0", "method.start_steps=3"]}
+METHOD_ARGS = {"lora": ["method=lora", "method.lora_dropout=0.0"], "ft-qv": ["method=ft-qv"],
+               "delta-lora": ["method=delta-lora", "method.lora_dropout=0.0", "method.start_steps=3"],
+               # the deferred update (the same on both paths)
+               "delta-lora-deferred": ["method=delta-lora", "method.start_steps=3",
+                                       "method.update=deferred"]}
 
 
 def test_causal_logits_equal_the_masked_forward_at_real_positions(tmp_path):
@@ -159,7 +162,7 @@ def _fit_on(device, tmp_path, overrides, precision="fp32"):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["lora", "delta-lora", "ft-qv"])
+@pytest.mark.parametrize("method", ["lora", "delta-lora", "delta-lora-deferred", "ft-qv"])
 def test_graph_step_matches_plain_step_on_e2e(tmp_path, method):
     """Two epochs of tiny-gpt2 on 43 E2E rows (several padded lengths, a short last batch, K = 3,
     warm-up): every parameter and buffer after training, W included, and the validation losses
@@ -167,7 +170,7 @@ def test_graph_step_matches_plain_step_on_e2e(tmp_path, method):
     and the re-ordered launches round differently in the last bits; the kernels are the same."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    args = [*TINY_E2E, f"method={method}", *METHOD_ARGS[method]]
+    args = [*TINY_E2E, *METHOD_ARGS[method]]
     plain, ref = _fit_on("cuda", tmp_path / "p", [*args, "train.cuda_graph=false"])
     graph, got = _fit_on("cuda", tmp_path / "g", [*args, "train.cuda_graph=true"])
     assert graph.use_graphs and not plain.use_graphs and len(graph._graphs) >= 3
@@ -185,7 +188,7 @@ def test_graph_step_matches_plain_step_on_glue(tmp_path, method):
     """tiny-roberta on RTE rows (4-D padding mask, classification head trained), bf16 autocast."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    args = ["model=tiny-roberta", f"method={method}", *METHOD_ARGS[method], "train.lr=1e-2", "+model.config.hidden_dropout_prob=0.0", *SMALL, "device=cuda"]
+    args = ["model=tiny-roberta", *METHOD_ARGS[method], "train.lr=1e-2", "+model.config.hidden_dropout_prob=0.0", *SMALL, "device=cuda"]
     plain, ref = _fit_on("cuda", tmp_path / "p", [*args, "train.cuda_graph=false"], "bf16")
     graph, got = _fit_on("cuda", tmp_path / "g", [*args, "train.cuda_graph=true"], "bf16")
     assert graph.use_graphs
@@ -202,7 +205,7 @@ def test_graph_step_with_compiled_blocks_matches_plain_step_on_e2e(tmp_path, met
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     torch._dynamo.reset()
-    args = [*TINY_E2E, f"method={method}", *METHOD_ARGS[method], "++model.config.resid_pdrop=0.0",
+    args = [*TINY_E2E, *METHOD_ARGS[method], "++model.config.resid_pdrop=0.0",
             "++model.config.embd_pdrop=0.0"]
     plain, ref = _fit_on("cuda", tmp_path / "p", [*args, "train.cuda_graph=false"])
     fast, got = _fit_on("cuda", tmp_path / "g", [*args, "train.cuda_graph=true", "train.compile=blocks"])

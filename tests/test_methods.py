@@ -285,3 +285,51 @@ def test_delta_lora_keeps_w_float32_under_bf16_autocast(tmp_path):
         assert w.dtype == torch.float32
         expected = 0.5 * layer.scaling * (layer.lora_B[i] @ layer.lora_A[i]).detach()
         torch.testing.assert_close(w.detach() - w0, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_name", ["tiny-gpt2", "tiny-roberta"])
+def test_delta_lora_deferred_update_equals_explicit_update(model_name, tmp_path):
+    """method.update=deferred (the telescoped sum in the branch, W written once at the end) trains
+    the same model as writing W after every step: every tensor after training, W included, and
+    every evaluation agree (fp32, K = 3, lambda = 2, through the switch at step K)."""
+    out = {}
+    for update in ("explicit", "deferred"):
+        cfg = make_cfg(f"model={model_name}", "method=delta-lora", "method.start_steps=3",
+                       "method.update_ratio=2", "train.lr=1e-2", f"method.update={update}", *SMALL,
+                       tmp_path=tmp_path / update)
+        task, model, method, trainer = build(cfg)
+        w0 = [w.detach().clone() for *_, w in slices_of(model)]
+        trainer.fit()
+        assert method.mode == update and trainer.step == 6
+        assert any((w.detach() - a).norm() > 1e-4 for (*_, w), a in zip(slices_of(model), w0))
+        out[update] = ({n: t.detach().clone() for n, t in model.state_dict().items()}, trainer.evals)
+    (ref, ref_evals), (got, got_evals) = out["explicit"], out["deferred"]
+    assert ref.keys() == got.keys()
+    for n, t in ref.items():
+        if n.split(".")[-1].startswith("prev_"):
+            continue   # explicit: factors of the last step; deferred: of the materialisation (equal)
+        torch.testing.assert_close(got[n], t, rtol=1e-5, atol=1e-6, msg=n)
+    assert len(ref_evals) == len(got_evals) >= 1
+    for a, b in zip(ref_evals, got_evals):
+        assert a.keys() == b.keys() and "accuracy" in a
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-5), k
+
+
+def test_delta_lora_deferred_keeps_w_until_the_end_and_needs_no_branch_dropout(tmp_path):
+    cfg = make_cfg("model=tiny-gpt2", "method=delta-lora", "method.start_steps=0",
+                   "method.update=deferred", "train.lr=1e-2", *SMALL, tmp_path=tmp_path)
+    task, model, method, trainer = build(cfg)
+    w0 = [w.detach().clone() for *_, w in slices_of(model)]
+    trainer.method.on_train_end = lambda: None             # stop before the final write
+    trainer.fit()
+    assert all(torch.equal(w.detach(), a) for (*_, w), a in zip(slices_of(model), w0))
+    assert method.updater.begun and trainer.step == 6
+    with pytest.raises(ConfigError, match="lora_dropout=0.*method.update=explicit"):
+        cfg = make_cfg("model=tiny-gpt2", "method=delta-lora", "method.lora_dropout=0.1",
+                       "method.update=deferred", *SMALL, tmp_path=tmp_path / "d")
+        build(cfg)[-1].start()
+    with pytest.raises(ConfigError, match="valid: auto, explicit, deferred"):
+        cfg = make_cfg("model=tiny-gpt2", "method=delta-lora", "method.update=lazy", *SMALL,
+                       tmp_path=tmp_path / "e")
+        build(cfg)[-1].start()

@@ -44,9 +44,14 @@ def test_run_writes_a_complete_record(tmp_path):
     assert not any("word_embeddings" in k for k in weights)   # unchanged tensors are not saved
 
 
-def test_resume_continues_exactly(tmp_path):
-    straight = run(small_cfg(tmp_path / "a", "method=delta-lora", "method.start_steps=2",
-                             "train.epochs=2"))
+@pytest.mark.parametrize("update", ["explicit", "deferred"])
+def test_resume_continues_exactly(tmp_path, update):
+    """Crash in epoch 2, resume from epoch 1's checkpoint: the same weights, bit for bit, and the
+    same evaluations as a run straight through. Deferred: the checkpoint holds W_K, the snapshot
+    and the mode, and W is written at the end of either run."""
+    args = ("method=delta-lora", "method.start_steps=2", "train.epochs=2", f"method.update={update}")
+    straight = run(small_cfg(tmp_path / "a", *args))
+    assert straight["fast_path"]["delta_update"] == update
     original = train_module.Trainer.evaluate
     calls = {"n": 0}
 
@@ -59,13 +64,12 @@ def test_resume_continues_exactly(tmp_path):
     train_module.Trainer.evaluate = crash_in_second_epoch
     try:
         with pytest.raises(RuntimeError, match="simulated"):
-            run(small_cfg(tmp_path / "b", "method=delta-lora", "method.start_steps=2", "train.epochs=2"))
+            run(small_cfg(tmp_path / "b", *args))
     finally:
         train_module.Trainer.evaluate = original
     failed = list((tmp_path / "b" / "results").rglob("*.json"))
     assert len(failed) == 1 and json.loads(failed[0].read_text())["status"] == "failed"
-    resumed = run(make_cfg("model=tiny-roberta", *SMALL, "method=delta-lora", "method.start_steps=2",
-                           "train.epochs=2", f"resume={tmp_path / 'b' / 'out'}",
+    resumed = run(make_cfg("model=tiny-roberta", *SMALL, *args, f"resume={tmp_path / 'b' / 'out'}",
                            tmp_path=tmp_path / "c"))
     assert resumed["resumed_from"]["epoch"] == 1
     a = load_file(str(tmp_path / "a" / "out" / "weights.safetensors"))

@@ -45,6 +45,15 @@ class Method:
     def after_optimizer_step(self, step: int) -> None:
         """After optimizer step number `step` (1-based) and before gradients are cleared."""
 
+    def on_train_end(self) -> None:
+        """After the last step, before the trained model is evaluated or saved."""
+
+    def graph_phase(self) -> Any:
+        """Part of a recorded step's key: a method whose step computation changes at known
+        points (Delta-LoRA's deferred update, from step K) returns a new value from then on and
+        the step is recorded again."""
+        return None
+
     # -- bookkeeping ------------------------------------------------------------------------------
     def extra_updated(self) -> int:
         """Elements of frozen (gradient-free) weights the method changes, e.g. Delta-LoRA's W."""

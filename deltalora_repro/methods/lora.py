@@ -6,6 +6,7 @@ import warnings
 from torch import nn
 
 from ..adapters import DeltaUpdater, inject_lora
+from ..errors import ConfigError
 from .base import Method, register, set_trainable
 
 
@@ -36,12 +37,52 @@ class DeltaLoRA(LoRA):
         self.updater = DeltaUpdater(self.sites, self.cfg.update_ratio, self.cfg.start_steps)
         return model
 
+    UPDATES = ("auto", "explicit", "deferred")
+
+    def update_mode(self, train_cfg) -> str:
+        """method.update: explicit writes W after every step (Algorithm 1 as printed); deferred
+        carries the telescoped sum in the rank-2r branch and writes W once at the end (same
+        function, no W traffic: adapters.LoRALayer._deferred_factors); auto = deferred when the
+        transformer blocks are compiled (train.compile=blocks fuses the sum's few extra small ops)
+        and the branch has no dropout, explicit otherwise."""
+        choice = self.cfg.get("update", "auto")
+        if choice not in self.UPDATES:
+            raise ConfigError(f"method.update {choice!r}; valid: {', '.join(self.UPDATES)}")
+        if choice != "auto":
+            return choice
+        from ..train import compile_scope
+        blocks = compile_scope(train_cfg) == "blocks"
+        return "deferred" if blocks and self.cfg.lora_dropout == 0 else "explicit"
+
     def on_train_start(self, device, train_cfg, graphs=None) -> None:
-        if device.type == "cuda" and train_cfg.get("graph_update", True):
+        mode = self._restored_mode or self.update_mode(train_cfg)
+        if mode == "deferred":
+            self.updater.use_deferred()
+            self.updater.begin_if_due(0)          # K = 0: the sum starts before the first step
+        elif device.type == "cuda" and train_cfg.get("graph_update", True):
             self.updater.capture_cuda_graphs(*(graphs or ()))
+        self.mode = mode
 
     def after_optimizer_step(self, step: int) -> None:
         self.updater.step(step)
+
+    def on_train_end(self) -> None:
+        self.updater.materialise()
+
+    def graph_phase(self):
+        return self.updater.begun
+
+    _restored_mode: str | None = None
+    mode: str | None = None
+
+    def state_dict(self) -> dict:
+        return {"update": self.mode, "begun": self.updater.begun}
+
+    def load_state_dict(self, state: dict) -> None:
+        # A run resumes in the mode it was written in: a deferred checkpoint holds W_K and the
+        # snapshot, not W_t.
+        self._restored_mode = state.get("update") or "explicit"
+        self.updater.set_begun(state.get("begun", False))
 
     def extra_updated(self) -> int:
         return self.updater.numel_updated()
