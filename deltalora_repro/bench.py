@@ -151,7 +151,8 @@ PATHS = ("plain", "graph", "graph-blocks", "compile", "compile-blocks", "reduce-
 
 
 def bench_one(shape: str, method_name: str, lengths: list[int], batch: int, precision: str,
-              path: str, steps: int, warmup: int, device: torch.device, seed: int = 0) -> dict:
+              path: str, steps: int, warmup: int, device: torch.device, seed: int = 0,
+              compile_options: dict | None = None) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
     model_type, head, kwargs = SHAPES[shape]
     cls = {"causal-lm": AutoModelForCausalLM, "classification": AutoModelForSequenceClassification,
@@ -179,7 +180,8 @@ def bench_one(shape: str, method_name: str, lengths: list[int], batch: int, prec
                                          "graph-blocks": "blocks"}.get(path, False),
                              "compile_backend": "inductor",
                              "compile_mode": "reduce-overhead" if path == "reduce-overhead" else None,
-                             "compile_dynamic": None, "graph_update": True, "eval_batch_size": 8,
+                             "compile_dynamic": None, "compile_options": compile_options or {},
+                             "graph_update": True, "eval_batch_size": 8,
                              "log_every": 10 ** 9, "epochs": 1, "max_steps": None})
     trainer = Trainer(model, method, task, tcfg, device, seed, total)
     trainer.start()
@@ -213,7 +215,7 @@ def bench_one(shape: str, method_name: str, lengths: list[int], batch: int, prec
     med = statistics.median(times)
     tok = statistics.mean(real_tokens[warmup:])
     return {"shape": shape, "method": method_name, "batch": batch, "precision": precision,
-            "path": path, "step_ms_median": med,
+            "path": path, "compile_options": compile_options or {}, "step_ms_median": med,
             "step_ms_p10": statistics.quantiles(times, n=10)[0],
             "step_ms_p90": statistics.quantiles(times, n=10)[-1],
             "tokens_per_s": tok / (med / 1000), "mean_real_tokens_per_batch": tok,
@@ -282,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--precision", default="bf16", help="comma list of fp32, bf16")
     ap.add_argument("--paths", default="plain", help="comma list of " + ", ".join(PATHS))
+    ap.add_argument("--compile-options", default="{}",
+                    help="JSON inductor settings for the compiled paths, e.g. '{\"shape_padding\": false}'")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--decode", action="store_true",
@@ -333,7 +337,8 @@ def main(argv: list[str] | None = None) -> None:
                     torch._dynamo.reset()
                     try:
                         row = bench_one(args.shape, method, lengths, args.batch, precision, path,
-                                        args.steps, args.warmup, device)
+                                        args.steps, args.warmup, device,
+                                        compile_options=json.loads(args.compile_options))
                     except Exception as e:   # recorded, not hidden: the other settings still run
                         row = {"shape": args.shape, "method": method, "batch": args.batch,
                                "precision": precision, "path": path,

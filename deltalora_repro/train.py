@@ -94,9 +94,13 @@ class Trainer:
         self.loss_fn = task.loss
         scope = compile_scope(cfg)
         mode = cfg.compile_mode if cfg.compile_backend == "inductor" else None
+        options = dict(cfg.get("compile_options") or {}) or None
+        if options and mode:
+            raise ConfigError("train.compile_mode and train.compile_options cannot both be set "
+                              "(torch.compile takes one or the other)")
         if scope == "model":
             self.loss_fn = torch.compile(task.loss, backend=cfg.compile_backend, mode=mode,
-                                         dynamic=cfg.compile_dynamic)
+                                         dynamic=cfg.compile_dynamic, options=options)
         elif scope == "blocks":
             # Regional compilation: each repeated block (a transformer layer) is compiled, once
             # for all layers of its class, and the rest stays eager. Compiles in a fraction of the
@@ -105,7 +109,7 @@ class Trainer:
             # every layer, forward and backward. Under train.cuda_graph the compiled kernels are
             # recorded in the step graph like any others.
             n = compile_blocks(model, backend=cfg.compile_backend, mode=mode,
-                               dynamic=cfg.compile_dynamic)
+                               dynamic=cfg.compile_dynamic, options=options)
             log.info("train.compile=blocks: compiled %d repeated blocks", n)
         # The data order depends on the seed alone and is restored on resume.
         self.generator = torch.Generator().manual_seed(seed)
@@ -372,13 +376,14 @@ def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return blocks
 
 
-def compile_blocks(model: torch.nn.Module, backend: str, mode: str | None, dynamic) -> int:
+def compile_blocks(model: torch.nn.Module, backend: str, mode: str | None, dynamic,
+                   options: dict | None = None) -> int:
     blocks = repeated_blocks(model)
     if not blocks:
         raise ConfigError(f"train.compile=blocks: {type(model).__name__} has no repeated blocks "
                           "(no ModuleList of same-class layers); use train.compile=true")
     for block in blocks:
-        block.compile(backend=backend, mode=mode, dynamic=dynamic)
+        block.compile(backend=backend, mode=mode, dynamic=dynamic, options=options)
     return len(blocks)
 
 
