@@ -238,9 +238,30 @@ def _decode_prompt_lengths(data_dir: Path) -> list[int]:
     return [max(1, round(len(tok.encode(ex.context)) * scale)) + 1 for ex, _ in groups]
 
 
+def _profiler(path: Path | None, device: torch.device):
+    """--profile: torch.profiler around the timed work; the op table (by device time and by host
+    time) is written to `path`. The timing of a profiled row is not comparable to others."""
+    import contextlib
+    if path is None:
+        return contextlib.nullcontext()
+    from torch.profiler import ProfilerActivity, profile
+
+    @contextlib.contextmanager
+    def run():
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            yield
+        avg = prof.key_averages()
+        by_dev = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(avg.table(sort_by=by_dev, row_limit=40) + "\n\n" +
+                        avg.table(sort_by="cpu_time_total", row_limit=40))
+    return run()
+
+
 def bench_decode(shape: str, prompt_lengths: list[int], batch_size: int, precision: str,
                  device: torch.device, num_beams: int = 10, max_new_tokens: int = 64,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, profile_to: Path | None = None) -> dict:
     """E2E test decoding with our beam search (decoding.py): every prompt runs all
     `max_new_tokens` steps (no end token, as a random-init model would not stop reliably)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -263,9 +284,10 @@ def bench_decode(shape: str, prompt_lengths: list[int], batch_size: int, precisi
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        outs = beam_search(model, prompts, cfg, pad_token_id=0, batch_size=batch_size)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        with _profiler(profile_to, device):
+            outs = beam_search(model, prompts, cfg, pad_token_id=0, batch_size=batch_size)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
     assert all(len(o) == max_new_tokens for o in outs), "a hypothesis ended early"
     return {"kind": "decode", "shape": shape, "prompts": len(prompts), "batch_size": batch_size,
@@ -293,6 +315,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--decode-batch", default="64", help="comma list of prompts per chunk")
     ap.add_argument("--decode-prompts", type=int, default=None,
                     help="decode only the first N test MRs (default: all 630)")
+    ap.add_argument("--profile", action="store_true",
+                    help="decode: profile the timed run; op tables go to OUT/<id>-profile-N.txt "
+                         "(and the row's time is not comparable)")
     ap.add_argument("--data", type=Path, default=records.PROJECT_ROOT.parent / "shared" / "data")
     ap.add_argument("--out", type=Path, default=records.PROJECT_ROOT / "results" / "bench")
     ap.add_argument("--name", default=None, help="record file name (default: a new run id)")
@@ -325,7 +350,9 @@ def main(argv: list[str] | None = None) -> None:
         record["lengths"] = {"source": "e2e-test", "n": len(lengths), "mean": statistics.mean(lengths)}
         for precision in precisions:
             for bs in [int(b) for b in args.decode_batch.split(",")]:
-                save(bench_decode(args.shape, lengths, bs, precision, device))
+                prof = (args.out / f"{run_id}-profile-{len(rows)}.txt") if args.profile else None
+                row = bench_decode(args.shape, lengths, bs, precision, device, profile_to=prof)
+                save({**row, "profiled": args.profile})
     else:
         lengths = _lengths(args.lengths, args.data)
         record["lengths"] = {"source": args.lengths, "n": len(lengths), "mean": statistics.mean(lengths)}
