@@ -163,7 +163,7 @@ def run(cfg: Any) -> dict:
             torch.cuda.synchronize(device)
         record["train_time_s"] = time.perf_counter() - t_train
         from .train import compile_scope
-        record["fast_path"] = {"cuda_graph": trainer.use_graphs, "compile": compile_scope(train_cfg),
+        record["fast_path"] = {"cuda_graph": trainer.use_graphs, "compile": compile_scope(trainer.cfg),
                                "delta_update": getattr(method, "mode", None)}
         primary = task.metric
         pick = max if task.metric_mode == "max" else min

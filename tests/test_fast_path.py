@@ -73,7 +73,9 @@ def test_graph_path_is_chosen_only_where_it_applies():
     with pytest.raises(ConfigError, match="compile_mode=reduce-overhead"):
         graph_path(OmegaConf.create({**base, "cuda_graph": True, "compile": "blocks",
                                      "compile_mode": "reduce-overhead"}), cuda, lora)
-    with pytest.raises(ConfigError, match="valid: false, true, model, blocks"):
+    assert graph_path(OmegaConf.create({**base, "cuda_graph": "auto", "compile": "auto",
+                                        "compile_mode": None}), cuda, lora) is True
+    with pytest.raises(ConfigError, match="valid: auto, false, true, model, blocks"):
         graph_path(OmegaConf.create({**base, "cuda_graph": "auto", "compile": "layers"}), cuda, lora)
 
 

@@ -52,6 +52,7 @@ def test_resume_continues_exactly(tmp_path, update):
     args = ("method=delta-lora", "method.start_steps=2", "train.epochs=2", f"method.update={update}")
     straight = run(small_cfg(tmp_path / "a", *args))
     assert straight["fast_path"]["delta_update"] == update
+    assert straight["fast_path"]["compile"] is None and not straight["fast_path"]["cuda_graph"]  # CPU
     original = train_module.Trainer.evaluate
     calls = {"n": 0}
 
