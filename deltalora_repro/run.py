@@ -170,7 +170,8 @@ def run(cfg: Any) -> dict:
         best = pick(trainer.evals, key=lambda e: e[primary])
         method.eval_settings()[0][1]()                # the reported setting (DyLoRA: full rank)
         t_test = time.perf_counter()
-        test_metrics = task.test(model, device, output_dir)
+        with trainer.eager():
+            test_metrics = task.test(model, device, output_dir)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         predictions = _keep_predictions(output_dir, results_dir, cfg, run_id)

@@ -407,7 +407,10 @@ def build_grid(spec: TableSpec, records: Sequence[Record], model: str) -> Grid:
             # hides an older run of the same seed that has it.
             scored = (r for r in in_row if r["task"] == column.task
                       and _metric(r, spec, column) is not None)
-            for r in sorted(scored, key=lambda r: r["run_id"]):
+            # The table's own study runs (experiment=tableN/...) outrank runs without an
+            # experiment config, whatever their age: a study's rows share its training setting,
+            # and a later main-table run of the same seed must not replace one of its rows.
+            for r in sorted(scored, key=lambda r: (r.get("experiment") is not None, r["run_id"])):
                 if r["seed"] in latest:
                     superseded.append(latest[r["seed"]])
                 latest[r["seed"]] = r
@@ -498,7 +501,8 @@ def render_table(
         lines += ["", f"Not completed, not shown: {len(not_done)} run(s): {ids}."]
     if grid.superseded:
         ids = ", ".join(f"`{r['run_id']}`" for r in grid.superseded)
-        lines += ["", f"Superseded by a later run of the same seed: {ids}."]
+        lines += ["", f"Superseded by a later run of the same seed (or by this table's own study "
+                      f"run of it): {ids}."]
     lines += ["", "Records used:", ""]
     if grid.used:
         header = ["run_id", "task", "method", "seed", "training", "commit", "machine"]

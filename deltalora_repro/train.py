@@ -261,13 +261,22 @@ class Trainer:
                  {k: tuple(v.shape) for k, v in batch.items()}, len(self._graphs) + 1)
         return _StepGraph(graph, inputs, loss)
 
+    def eager(self):
+        """Run compiled blocks as plain eager code: evaluation and decoding. Their shapes (eval
+        batches, one-token decode steps with a KV cache) are not the training step's, would only
+        pile up recompilations (dynamo stops at its recompile limit and warns), and gain little."""
+        if compile_scope(self.cfg) in ("blocks", "model"):
+            return torch.compiler.set_stance("force_eager")
+        return contextlib.nullcontext()
+
     def evaluate(self) -> dict:
         self.model.eval()
         results = {}
-        for suffix, setting in self.method.eval_settings():
-            setting()
-            metrics = self.task.evaluate(self.model, self.device, self.cfg.eval_batch_size)
-            results.update({(f"{suffix}/{k}" if suffix else k): v for k, v in metrics.items()})
+        with self.eager():
+            for suffix, setting in self.method.eval_settings():
+                setting()
+                metrics = self.task.evaluate(self.model, self.device, self.cfg.eval_batch_size)
+                results.update({(f"{suffix}/{k}" if suffix else k): v for k, v in metrics.items()})
         self.model.train()
         return results
 

@@ -216,3 +216,20 @@ def test_graph_step_with_compiled_blocks_matches_plain_step_on_e2e(tmp_path, met
         torch.testing.assert_close(got[name], t, rtol=1e-4, atol=1e-4 * max(1.0, float(t.abs().max())))
     for a, b in zip(plain.evals, fast.evals):
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+
+
+def test_evaluation_runs_compiled_blocks_eagerly(tmp_path):
+    """Evaluation and decoding shapes never reach the compiler (train.compile=blocks)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    cfg = make_cfg("model=tiny-gpt2", "method=lora", "train.compile=blocks",
+                   "train.compile_backend=aot_eager", "train.max_steps=2", *SMALL, tmp_path=tmp_path)
+    task, model, method, trainer = build(cfg)
+    counters.clear()
+    trainer.start()
+    for micro_batches, _ in zip(trainer.step_batches(task.train_examples()), range(2)):
+        trainer.train_step(micro_batches)
+    compiled = counters["stats"]["unique_graphs"]
+    assert compiled >= 1                                   # the training step was compiled
+    trainer.evaluate()                                     # no_grad, other shapes
+    assert counters["stats"]["unique_graphs"] == compiled

@@ -207,7 +207,7 @@ def test_rerun_of_a_seed_supersedes_the_older_run(tmp_path: Path) -> None:
     new = _record("glue/rte", "lora", 0, 0.70, run_id="20261123-100000-bbbbbb")
     md = render_table4([new, old], "roberta-base")
     assert _cells(md, "LoRA")[_cells(md, "Method").index("RTE")] == "70.00 (paper 86.64)"
-    assert "Superseded by a later run of the same seed: `20261122-100000-aaaaaa`." in md
+    assert "Superseded by a later run of the same seed (or by this table's own study run of it): `20261122-100000-aaaaaa`." in md
 
 
 def test_missing_primary_metric_names_the_run() -> None:
@@ -305,3 +305,17 @@ def test_an_unscored_rerun_does_not_hide_a_scored_run() -> None:
     later["run_id"] = "20261122-180000-lora-later"
     t1 = tables.render_table(tables.SPECS_BY_NUMBER[1], [scored, unscored, later], "gpt2-medium")
     assert _cells(t1, "LoRA")[2] == "70.00 (paper 69.60)"
+
+
+def test_a_later_plain_run_does_not_replace_a_study_row() -> None:
+    """A Table 7 sweep row (its own reduced setting) keeps its run when a later run without an
+    experiment config matches the same row and seed; that run still fills Table 1."""
+    sweep = _e2e("delta-lora", 0.6751, update_ratio=2, start_steps=500, lora_dropout=0.0)
+    sweep["experiment"] = "table7/update-ratio"
+    later = _e2e("delta-lora", 0.6625, update_ratio=2, start_steps=500, lora_dropout=0.0)
+    later["run_id"] = "29991231-000000-later"
+    t7 = tables.render_table(tables.SPECS_BY_NUMBER[7], [sweep, later], "gpt2-medium")
+    assert _cells(t7, "λ = 2")[0] == "67.51 (paper 70.84)"
+    assert "29991231-000000-later" in t7.split("Superseded")[1].split("\n")[0]
+    t1 = tables.render_table(tables.SPECS_BY_NUMBER[1], [sweep, later], "gpt2-medium")
+    assert _cells(t1, "Delta-LoRA")[2] == "66.25 (paper 70.84)"
