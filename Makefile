@@ -33,25 +33,25 @@ quick:              ## a two-minute CPU run on real RTE rows with a tiny random-
 BENCH = $(PYTHON) -m deltalora_repro.bench --data $(DATA)
 bench: bench-e2e bench-512 bench-decode bench-glue bench-xsum bench-smollm2   ## all of them
 
-bench-e2e:          ## GPT-2-medium shape, batch 8 at real E2E lengths, plain vs CUDA-graph step
+bench-e2e:          ## GPT-2-medium shape, batch 8 at real E2E lengths, plain vs CUDA-graph step vs graph + compiled blocks (the default)
 	$(BENCH) --shape gpt2-medium --methods peft-lora,lora,delta-lora --lengths e2e --batch 8 \
-	  --precision bf16,fp32 --paths plain,graph --steps 100 --warmup 30
+	  --precision bf16,fp32 --paths plain,graph,graph-blocks --steps 100 --warmup 30
 bench-512:          ## the same at 8 x 512 tokens
 	$(BENCH) --shape gpt2-medium --methods peft-lora,lora,delta-lora --lengths 512 --batch 8 \
-	  --precision bf16,fp32 --paths plain,graph --steps 60 --warmup 15
+	  --precision bf16,fp32 --paths plain,graph,graph-blocks --steps 60 --warmup 15
 bench-decode:       ## E2E test decoding: 630 MRs, 10 beams, 64 new tokens forced
-	$(BENCH) --decode --shape gpt2-medium --precision bf16,fp32 --decode-batch 64,128
+	$(BENCH) --decode --shape gpt2-medium --precision bf16,fp32 --decode-batch 128,210
 bench-glue:         ## RoBERTa-base shape, batch 128 at real RTE and SST-2 lengths
 	$(BENCH) --shape roberta-base --methods peft-lora,lora,delta-lora --lengths rte --batch 128 \
-	  --precision bf16 --paths plain,graph --steps 50 --warmup 10
+	  --precision bf16 --paths plain,graph,graph-blocks --steps 50 --warmup 10
 	$(BENCH) --shape roberta-base --methods peft-lora,lora,delta-lora --lengths sst2 --batch 128 \
-	  --precision bf16 --paths plain,graph --steps 50 --warmup 10
+	  --precision bf16 --paths plain,graph,graph-blocks --steps 50 --warmup 10
 bench-xsum:         ## BART-large shape, batch 64 at the XSum sample's source lengths (<= 768)
 	$(BENCH) --shape bart-large --methods peft-lora,lora,delta-lora --lengths xsum --batch 64 \
-	  --precision bf16 --paths plain,graph --steps 30 --warmup 10
+	  --precision bf16 --paths plain,graph,graph-blocks --steps 30 --warmup 10
 bench-smollm2:      ## SmolLM2-135M shape (our gpt2-medium stand-in), batch 8 at real E2E lengths
 	$(BENCH) --shape smollm2-135m --methods peft-lora,lora,delta-lora --lengths e2e --batch 8 \
-	  --precision bf16 --paths plain,graph --steps 100 --warmup 30
+	  --precision bf16 --paths plain,graph,graph-blocks --steps 100 --warmup 30
 
 # Tiny-model versions of every study (Tables 5-8), XSum (Table 3) and Figure 3 on CPU, on real
 # data subsets; then the tables and the figure from those records. Records: outputs/smoke/results.
