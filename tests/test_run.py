@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 from deltalora_repro import train as train_module
+from deltalora_repro.errors import ConfigError
 from deltalora_repro.export import main as export_main
 from deltalora_repro.run import run
 
@@ -73,6 +74,10 @@ def test_resume_continues_exactly(tmp_path, update):
     resumed = run(make_cfg("model=tiny-roberta", *SMALL, *args, f"resume={tmp_path / 'b' / 'out'}",
                            tmp_path=tmp_path / "c"))
     assert resumed["resumed_from"]["epoch"] == 1
+    other = "explicit" if update == "deferred" else "deferred"
+    with pytest.raises(ConfigError, match=f"written with method.update={update}"):
+        run(make_cfg("model=tiny-roberta", *SMALL, *args[:-1], f"method.update={other}",
+                     f"resume={tmp_path / 'b' / 'out'}", tmp_path=tmp_path / "d"))
     a = load_file(str(tmp_path / "a" / "out" / "weights.safetensors"))
     c = load_file(str(tmp_path / "c" / "out" / "weights.safetensors"))
     assert a.keys() == c.keys()

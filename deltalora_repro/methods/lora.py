@@ -81,7 +81,13 @@ class DeltaLoRA(LoRA):
     def load_state_dict(self, state: dict) -> None:
         # A run resumes in the mode it was written in: a deferred checkpoint holds W_K and the
         # snapshot, not W_t.
-        self._restored_mode = state.get("update") or "explicit"
+        restored = state.get("update") or "explicit"
+        asked = self.cfg.get("update", "auto")
+        if asked not in ("auto", restored):
+            raise ConfigError(f"method.update={asked} but the checkpoint resumed from was written "
+                              f"with method.update={restored}; resume with "
+                              f"method.update={restored} (or auto)")
+        self._restored_mode = restored
         self.updater.set_begun(state.get("begun", False))
 
     def extra_updated(self) -> int:
