@@ -152,7 +152,7 @@ PATHS = ("plain", "graph", "graph-blocks", "compile", "compile-blocks", "reduce-
 
 def bench_one(shape: str, method_name: str, lengths: list[int], batch: int, precision: str,
               path: str, steps: int, warmup: int, device: torch.device, seed: int = 0,
-              compile_options: dict | None = None) -> dict:
+              compile_options: dict | None = None, delta_update: str = "auto") -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
     model_type, head, kwargs = SHAPES[shape]
     cls = {"causal-lm": AutoModelForCausalLM, "classification": AutoModelForSequenceClassification,
@@ -167,7 +167,7 @@ def bench_one(shape: str, method_name: str, lengths: list[int], batch: int, prec
     total = warmup + steps
     mcfg = OmegaConf.create({"name": method_name, **METHOD_DEFAULTS, "target_rank": 2, "tinit": 0,
                              "tfinal": 1, "delta_t": 10, "beta1": 0.85, "beta2": 0.85,
-                             "orth_reg_weight": 0.1, "rank_seed": 0})
+                             "orth_reg_weight": 0.1, "rank_seed": 0, "update": delta_update})
     method = _PeftLoRA() if method_name == "peft-lora" else build_method(mcfg, total)
     heads = head_prefixes(model) if head == "classification" else []
     model = method.apply(model, heads).to(device)
@@ -215,7 +215,8 @@ def bench_one(shape: str, method_name: str, lengths: list[int], batch: int, prec
     med = statistics.median(times)
     tok = statistics.mean(real_tokens[warmup:])
     return {"shape": shape, "method": method_name, "batch": batch, "precision": precision,
-            "path": path, "compile_options": compile_options or {}, "step_ms_median": med,
+            "path": path, "compile_options": compile_options or {},
+            "delta_update": getattr(method, "mode", None), "step_ms_median": med,
             "step_ms_p10": statistics.quantiles(times, n=10)[0],
             "step_ms_p90": statistics.quantiles(times, n=10)[-1],
             "tokens_per_s": tok / (med / 1000), "mean_real_tokens_per_batch": tok,
@@ -308,6 +309,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--paths", default="plain", help="comma list of " + ", ".join(PATHS))
     ap.add_argument("--compile-options", default="{}",
                     help="JSON inductor settings for the compiled paths, e.g. '{\"shape_padding\": false}'")
+    ap.add_argument("--delta-update", default="auto", choices=("auto", "explicit", "deferred"),
+                    help="Delta-LoRA's method.update for every row")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--decode", action="store_true",
@@ -365,7 +368,8 @@ def main(argv: list[str] | None = None) -> None:
                     try:
                         row = bench_one(args.shape, method, lengths, args.batch, precision, path,
                                         args.steps, args.warmup, device,
-                                        compile_options=json.loads(args.compile_options))
+                                        compile_options=json.loads(args.compile_options),
+                                        delta_update=args.delta_update)
                     except Exception as e:   # recorded, not hidden: the other settings still run
                         row = {"shape": args.shape, "method": method, "batch": args.batch,
                                "precision": precision, "path": path,
