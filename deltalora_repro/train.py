@@ -13,6 +13,10 @@ Two ways to run a step, chosen by `train.cuda_graph`:
   by those launches (README "Speed"). The same kernels run on the same data in the same order;
   AdamW runs in its capturable form (step count and learning rate live on the device).
   tests/test_fast_path.py compares both paths step by step.
+
+On top of the graph path, `train.compile=blocks` (the default `auto` picks it whenever the graph
+path is taken) compiles each repeated transformer block, so the recorded step runs inductor's
+fused kernels; evaluation and decoding run those blocks eagerly (`Trainer.eager`).
 """
 from __future__ import annotations
 
