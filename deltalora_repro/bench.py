@@ -5,7 +5,9 @@
     python -m deltalora_repro.bench --decode --shape gpt2-medium     # E2E test decoding
 
 Paths: plain (the reference loop, kernel by kernel), graph (train.cuda_graph: each batch shape's
-whole step recorded as one CUDA graph), compile / reduce-overhead (train.compile).
+whole step recorded as one CUDA graph), graph-blocks (the same with every transformer block
+compiled, train.compile=blocks: the default GPU path), compile-blocks (compiled blocks, plain
+loop), compile / reduce-overhead (train.compile=true, the whole forward).
 Method peft-lora is the outside baseline: PEFT's LoRA on the attention input projection with
 Hugging Face's eager code, stepped by the plain loop.
 

@@ -53,7 +53,6 @@ def causal_logits(model, batch) -> torch.Tensor:
     config = model.config
     if config._attn_implementation != "sdpa":
         return model(input_ids=batch["input_ids"], use_cache=False).logits
-    _register_causal_sdpa()
     config._attn_implementation = CAUSAL_SDPA
     try:
         return model(input_ids=batch["input_ids"], use_cache=False).logits
@@ -65,10 +64,14 @@ CAUSAL_SDPA = "deltalora_causal_sdpa"
 
 
 def _register_causal_sdpa() -> None:
+    """Once, at import: not per training step."""
     from transformers import AttentionInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     if CAUSAL_SDPA not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(CAUSAL_SDPA, ALL_ATTENTION_FUNCTIONS["sdpa"])
+
+
+_register_causal_sdpa()
 
 
 class NLGTask(Task):
