@@ -1,6 +1,8 @@
 """python -m deltalora_repro [model=...] [task=...] [method=...] [any.override=...] [-m for sweeps]"""
+import difflib
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -11,6 +13,36 @@ from .errors import ConfigError, DataError
 from .run import run
 
 log = logging.getLogger("deltalora_repro")
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Config groups chosen on the command line (`group=name`); names may have sub-folders
+# (task=glue/rte, experiment=table4/lora), which Hydra's own error does not list.
+GROUPS = ("model", "task", "method", "train", "experiment")
+
+
+def group_choices(group: str, config_dir: Path = CONFIG_DIR) -> list[str]:
+    """Every config of a group, sub-folders included, as `name` or `sub/name`."""
+    root = config_dir / group
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def check_group_choices(argv: list[str], config_dir: Path = CONFIG_DIR) -> str | None:
+    """A message naming the valid choices for the first unknown `group=name`, or None.
+
+    Checked before Hydra composes anything. Sweep lists (`task=glue/rte,glue/mrpc`) are checked
+    item by item; Hydra's sweep functions (`choice(...)`, `glob(...)`) are left to Hydra."""
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+~")
+        if not sep or key not in GROUPS or "(" in value or value in ("", "null"):
+            continue
+        valid = group_choices(key, config_dir)
+        for name in value.split(","):
+            if name not in valid:
+                near = difflib.get_close_matches(name, valid, n=1)
+                hint = f" (did you mean {key}={near[0]}?)" if near else ""
+                return f"{key}={name} is not a config{hint}; valid: {', '.join(valid)}"
+    return None
 
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
@@ -40,4 +72,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    problem = check_group_choices(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()

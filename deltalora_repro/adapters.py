@@ -131,11 +131,13 @@ class LoRALayer(nn.Module):
     def factors(self, i: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(A, B, scaling) of slice i at the active rank (DyLoRA truncates; scaling alpha/b)."""
         a, b, rank = self.lora_A[i], self.lora_B[i], self.active_rank
-        if rank == self.rank:
+        if rank == self.rank and not self.frozen_lower_ranks:
             return a, b, self.scaling
         a, b = a[:rank], b[:, :rank]
         if self.frozen_lower_ranks and rank > 1:
-            # DyLoRA's frozen mode: only the b-th row of A and column of B learn this step.
+            # DyLoRA's frozen mode: only the b-th row of A and column of B learn this step, for
+            # every sampled b including b = r (the official `dynamic` module detaches the rows
+            # before the sampled one whatever b is).
             a = torch.cat([a[:-1].detach(), a[-1:]], 0)
             b = torch.cat([b[:, :-1].detach(), b[:, -1:]], 1)
         return a, b, self.alpha / rank

@@ -134,6 +134,9 @@ def run(cfg: Any) -> dict:
         task.prepare(tokenizer)
         n_total = total_steps(tcfg, len(task.train_examples()))
         method = build_method(cfg.method, n_total)
+        record["warnings"] = method.run_warnings()
+        for warning in record["warnings"]:
+            log.warning("%s", warning)
         heads = head_prefixes(model) if task.head == "classification" else []
         model = method.apply(model, heads).to(device)
         if device.type == "cuda":

@@ -55,6 +55,11 @@ class Method:
         return None
 
     # -- bookkeeping ------------------------------------------------------------------------------
+    def run_warnings(self) -> list[str]:
+        """Settings that make this run not what its method name promises (e.g. Delta-LoRA whose
+        start step comes after the last step): logged loudly and kept in the run record."""
+        return []
+
     def extra_updated(self) -> int:
         """Elements of frozen (gradient-free) weights the method changes, e.g. Delta-LoRA's W."""
         return 0

@@ -90,6 +90,15 @@ class DeltaLoRA(LoRA):
         self._restored_mode = restored
         self.updater.set_begun(state.get("begun", False))
 
+    def run_warnings(self) -> list[str]:
+        k, lam = self.cfg.start_steps, self.cfg.update_ratio
+        if lam != 0 and k >= self.total_steps:
+            # The update applies after optimizer steps K+1..T only: none here, so W never moves.
+            return [f"delta-lora: method.start_steps (K={k}) >= the run's {self.total_steps} "
+                    "optimizer steps, so W is never updated and this run is LoRA without branch "
+                    "dropout; lower method.start_steps or train longer"]
+        return []
+
     def extra_updated(self) -> int:
         return self.updater.numel_updated()
 
