@@ -1,6 +1,7 @@
 """LoRA (Hu et al., 2022) and Delta-LoRA (Algorithm 1 of the paper) on Wq and Wv."""
 from __future__ import annotations
 
+import logging
 import warnings
 
 from torch import nn
@@ -8,6 +9,8 @@ from torch import nn
 from ..adapters import DeltaUpdater, inject_lora
 from ..errors import ConfigError
 from .base import Method, register, set_trainable
+
+log = logging.getLogger(__name__)
 
 
 @register("lora")
@@ -65,9 +68,15 @@ class DeltaLoRA(LoRA):
 
     def after_optimizer_step(self, step: int) -> None:
         self.updater.step(step)
+        self._last_step = step
+
+    _last_step = 0
 
     def on_train_end(self) -> None:
         self.updater.materialise()
+        updates = max(0, self._last_step - self.cfg.start_steps) if self.cfg.update_ratio else 0
+        log.info("delta-lora: W updated after %d of %d optimizer steps (K=%d, lambda=%s, %s)",
+                 updates, self._last_step, self.cfg.start_steps, self.cfg.update_ratio, self.mode)
 
     def graph_phase(self):
         return self.updater.begun
