@@ -38,7 +38,9 @@ def _lora_lines(name: str) -> list[str]:
 
 
 def _as_lines(split: NLGSplit) -> list[str]:
-    return [f"{example.context}||{example.reference}" for example in split.examples]
+    # The repository's files end every line with one space after the reference; the reference
+    # text itself (what gets encoded) has none.
+    return [f"{example.context}||{example.reference} " for example in split.examples]
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +102,8 @@ def test_test_references_group_by_mr(test_split: NLGSplit) -> None:
     first, references = groups[0]
     assert first.context == "name : Blue Spice | Type : coffee shop | area : city centre"
     assert references == [
-        "A coffee shop in the city centre area called Blue Spice . ",
-        "Blue Spice is a coffee shop in city centre . ",
+        "A coffee shop in the city centre area called Blue Spice .",
+        "Blue Spice is a coffee shop in city centre .",
     ]
     assert max(len(references) for _, references in groups) == 45
     assert len({example.group for example, _ in groups}) == 630
@@ -124,6 +126,7 @@ def test_train_is_built_with_the_valid_txt_rules() -> None:
         "a restaurant providing fast food services , but it isn 't family - friendly . "
     )
     assert all(line.endswith(" ") and "  " not in line for line in lines)
+    assert not [e.reference for e in train.examples if e.reference != e.reference.strip() or "||" in e.reference]
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,7 +217,7 @@ def test_small_local_file_round_trip(tmp_path: Path) -> None:
     assert split.examples == [
         NLGExample(
             context="name : Zizzi | Type : pub",
-            reference="Zizzi isn 't a pub . It 's a café . ",
+            reference="Zizzi isn 't a pub . It 's a café .",
             group="name[Zizzi], eatType[pub]",
         )
     ]
@@ -241,6 +244,6 @@ def test_hub_path_uses_the_same_conversion(monkeypatch: pytest.MonkeyPatch) -> N
     assert calls == [("tuetschek/e2e_nlg", "test"), ("tuetschek/e2e_nlg", "validation")]
     context = "name : Blue Spice | Type : pub | family friendly : no"
     assert test.examples[0].context == validation.examples[0].context == context
-    assert test.examples[0].reference == "Blue Spice is n't family - friendly . "
-    assert validation.examples[0].reference == "Blue Spice isn 't family - friendly . "
+    assert test.examples[0].reference == "Blue Spice is n't family - friendly ."
+    assert validation.examples[0].reference == "Blue Spice isn 't family - friendly ."
     assert test.source == "hub tuetschek/e2e_nlg test (1 rows)"

@@ -24,7 +24,7 @@ def test_e2e_sequence_layout_and_loss_mask_on_the_first_training_row(tmp_path):
     ex = task.rows["train"][0]
     assert ex.context == ("name : The Vaults | Type : pub | price : more than £ 30 | "
                           "customer rating : 5 out of 5 | near : Café Adriatic")
-    assert ex.reference == "The Vaults pub near Café Adriatic has a 5 star rating . Prices start at £ 30 . "
+    assert ex.reference == "The Vaults pub near Café Adriatic has a 5 star rating . Prices start at £ 30 ."
     enc = task.train_examples()[0]
     eos = tok.eos_token_id
     ctx = tok.encode(ex.context, add_special_tokens=False)
@@ -78,6 +78,6 @@ def test_e2e_train_decode_score_end_to_end(tmp_path):
     kept = tmp_path / "results" / record["predictions"]
     rows = [json.loads(line) for line in kept.read_text().splitlines()]
     assert len(rows) == 4 == record["data"]["test"]["groups_decoded"]
-    assert rows[0]["references"] == ["A coffee shop in the city centre area called Blue Spice . ",
-                                     "Blue Spice is a coffee shop in city centre . "]
+    assert rows[0]["references"] == ["A coffee shop in the city centre area called Blue Spice .",
+                                     "Blue Spice is a coffee shop in city centre ."]
     assert record["test_time_s"] > 0

@@ -1,14 +1,16 @@
 """Load E2E NLG in the exact text form the LoRA repository trains and scores on.
 
-The LoRA repository (which Delta-LoRA follows, PROTOCOL.md §4) does not feed the raw CSV to GPT-2.
-Each line of its ``data/e2e/{train,valid,test}.txt`` is ``context||reference``:
+The LoRA repository (whose NLG pipeline Delta-LoRA follows) does not feed the raw CSV to GPT-2.
+Each line of its ``data/e2e/{train,valid,test}.txt`` is ``context||reference␠``:
 
 * context: the meaning representation with three slots renamed (``eatType`` -> ``Type``,
   ``familyFriendly`` -> ``family friendly``, ``priceRange`` -> ``price``; the rest keep their
   name), rendered ``slot : value`` and joined by `` | ``, values word-tokenised
   (``£20-25`` -> ``£ 20 - 25``);
-* reference: the human reference word-tokenised, tokens joined by one space, plus one trailing
-  space.
+* reference: the human reference word-tokenised, tokens joined by one space; the file writes one
+  space after it, but the repository strips every line before encoding it (format_converting_e2e.py),
+  so the text it trains on, and the text held here, ends with the last token (``… .``). Keeping that
+  space would add one token (GPT-2's ``Ġ``) before the end token of every target.
 
 Reading the repository's own valid.txt and test.txt (shared/data/e2e/lora_format) shows that the
 two files were tokenised by *different* tools, so one tokeniser cannot reproduce both:
@@ -23,7 +25,8 @@ two files were tokenised by *different* tools, so one tokeniser cannot reproduce
 
 Both tokenisers below are written from those observed rules (no tokenisation library reproduces
 both, and neither tool is a dependency of this project); converting devset.csv and
-testset_w_refs.csv reproduces valid.txt and test.txt line for line (tests/test_e2e_data.py).
+testset_w_refs.csv reproduces valid.txt and test.txt line for line, up to the trailing space each
+line carries (tests/test_e2e_data.py).
 The train split uses the valid.txt rules: train.txt is not available to check against.
 
 ``data_dir=None`` reads ``tuetschek/e2e_nlg`` from the Hugging Face hub (same rows as the CSVs).
@@ -117,7 +120,9 @@ def convert_e2e(mr: str, ref: str, style: str) -> NLGExample:
         valid = ", ".join(_TOKENIZERS)
         raise ConfigError(f"unknown E2E tokenisation style {style!r}; valid styles: {valid}")
     tokenize = _TOKENIZERS[style]
-    return NLGExample(context=_cached_mr(mr, style), reference=" ".join(tokenize(ref)) + " ", group=mr)
+    # No trailing space: the repository's line is "context||reference " and it strips the line
+    # before encoding, so the completion it encodes ends with the last word token.
+    return NLGExample(context=_cached_mr(mr, style), reference=" ".join(tokenize(ref)), group=mr)
 
 
 @functools.lru_cache(maxsize=16384)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..decoding import BeamConfig, beam_search
+from ..errors import DataError
 from .base import Task, pad_to
 
 log = logging.getLogger(__name__)
@@ -109,10 +110,23 @@ class NLGTask(Task):
         return tuple(sorted(ids))
 
     def encode_context(self, context: str) -> list[int]:
+        """The context's tokens, then the end token as the separator (the LoRA repository appends
+        GPT-2's <|endoftext|> here too: one token serves as separator and as end)."""
         return self.tokenizer.encode(context, add_special_tokens=False) + [self.tokenizer.eos_token_id]
 
     def _encode(self, ex) -> dict:
+        """`context <eos>` + `␠reference <eos>`, each part tokenised on its own as the LoRA
+        repository's encoder does: the completion string is " " + reference (so its first word is
+        one space-prefixed token) and nothing follows the reference but the end token. The
+        sequence keeps its first max_length tokens, as the repository's fine-tuning data loader
+        does with its seq_len (512); the loss covers positions n_context.. (collate)."""
         ctx = self.encode_context(ex.context)
+        if len(ctx) >= self.cfg.max_length:
+            # Nothing of the reference would be left to train on: every label of the row ignored.
+            raise DataError(
+                f"context {ex.context[:80]!r}... is {len(ctx)} tokens with its separator, which leaves "
+                f"no reference token within task.max_length={self.cfg.max_length}; set "
+                f"task.max_length above {len(ctx)}")
         ref = self.tokenizer.encode(" " + ex.reference, add_special_tokens=False) + [
             self.tokenizer.eos_token_id]
         ids = (ctx + ref)[:self.cfg.max_length]
