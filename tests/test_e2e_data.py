@@ -63,11 +63,18 @@ def _assert_same_lines(ours: list[str], theirs: list[str]) -> None:
     assert not mismatches, f"{len(mismatches)} lines differ; first: {mismatches[0]}"
 
 
+def _assert_encoded_strings(split: NLGSplit, lines: list[str]) -> None:
+    # What format_converting_e2e.py hands on for each line: the line stripped, then cut at "||".
+    expected = [tuple(line.strip().split("||")) for line in lines]
+    assert [(e.context, e.reference) for e in split.examples] == expected
+
+
 @needs_e2e
 def test_devset_conversion_equals_lora_valid_txt(validation: NLGSplit) -> None:
     lines = _lora_lines("valid.txt")
     assert len(lines) == 4672
     _assert_same_lines(_as_lines(validation), lines)
+    _assert_encoded_strings(validation, lines)
     assert validation.source == f"{(E2E_DIR / 'devset.csv').resolve()} (4672 rows)"
 
 
@@ -76,6 +83,7 @@ def test_testset_conversion_equals_lora_test_txt(test_split: NLGSplit) -> None:
     lines = _lora_lines("test.txt")
     assert len(lines) == 4693
     _assert_same_lines(_as_lines(test_split), lines)
+    _assert_encoded_strings(test_split, lines)
 
 
 @needs_e2e
@@ -126,7 +134,9 @@ def test_train_is_built_with_the_valid_txt_rules() -> None:
         "a restaurant providing fast food services , but it isn 't family - friendly . "
     )
     assert all(line.endswith(" ") and "  " not in line for line in lines)
-    assert not [e.reference for e in train.examples if e.reference != e.reference.strip() or "||" in e.reference]
+    # Stripping the rebuilt line would change no reference, and none holds the "||" separator.
+    assert not [e.reference for e in train.examples
+                if e.reference != e.reference.strip() or "||" in e.reference]
 
 
 # --------------------------------------------------------------------------------------------

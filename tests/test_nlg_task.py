@@ -21,14 +21,15 @@ def test_e2e_sequence_layout_and_loss_mask_on_the_first_training_row(tmp_path):
     cfg = make_cfg(*TINY_E2E, "method=lora", tmp_path=tmp_path)
     task, model, method, trainer = build(cfg)
     tok = task.tokenizer
-    ex = task.rows["train"][0]
-    assert ex.context == ("name : The Vaults | Type : pub | price : more than £ 30 | "
-                          "customer rating : 5 out of 5 | near : Café Adriatic")
-    assert ex.reference == "The Vaults pub near Café Adriatic has a 5 star rating . Prices start at £ 30 ."
+    # The strings the LoRA repository encodes for trainset.csv's first row (its line stripped,
+    # so nothing between the final " ." and the end token); tests/test_lora_encoding.py has more.
+    context = ("name : The Vaults | Type : pub | price : more than £ 30 | "
+               "customer rating : 5 out of 5 | near : Café Adriatic")
+    completion = " The Vaults pub near Café Adriatic has a 5 star rating . Prices start at £ 30 ."
     enc = task.train_examples()[0]
     eos = tok.eos_token_id
-    ctx = tok.encode(ex.context, add_special_tokens=False)
-    ref = tok.encode(" " + ex.reference, add_special_tokens=False)
+    ctx = tok.encode(context, add_special_tokens=False)
+    ref = tok.encode(completion, add_special_tokens=False)
     assert enc["input_ids"] == ctx + [eos] + ref + [eos]          # MR <eos> ␠ref <eos>
     batch = task.collate(task.train_examples()[:2])
     labels, ids = batch["labels"][0], batch["input_ids"][0]
@@ -36,7 +37,7 @@ def test_e2e_sequence_layout_and_loss_mask_on_the_first_training_row(tmp_path):
     assert (labels[:len(ctx) + 1] == -100).all()                  # no loss on the MR or separator
     assert torch.equal(labels[len(ctx) + 1:n], ids[len(ctx) + 1:n])  # reference + final <eos>
     assert labels[n - 1] == eos and (labels[n:] == -100).all()    # padding carries no loss
-    assert tok.decode(labels[len(ctx) + 1:n - 1]) == " " + ex.reference
+    assert tok.decode(labels[len(ctx) + 1:n - 1]) == completion
 
 
 @needs_e2e

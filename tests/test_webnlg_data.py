@@ -75,6 +75,16 @@ def test_dev_conversion_equals_lora_dev_json(splits) -> None:
 
 
 @needs_webnlg
+def test_references_are_held_as_the_data_writes_them(splits) -> None:
+    # The repository encodes " " + the lexicalisation as it stands. Nothing here strips it, and
+    # no good lexicalisation of any split has surrounding whitespace that stripping would change.
+    for entries, split in splits.values():
+        good = [text for entry in entries for comment, text in entry.lexicalisations if comment == "good"]
+        assert [example.reference for example in split.examples] == good
+        assert all(text == text.strip() for text in good)
+
+
+@needs_webnlg
 def test_counts(splits) -> None:
     # SOURCES.md's 18,102 / 2,268 / 4,928 count every lexicalisation; the LoRA repository keeps
     # only the good ones, which drops 77 train and 10 dev lexicalisations (marked toFix).

@@ -6,7 +6,9 @@ converted entry for entry to JSON; shared/data/webnlg2017/lora_dev.json is its d
 * context: the entry's *modified* triples, each ``subject : property : object`` with the strings
   exactly as the XML writes them (underscores, quotes and all), joined by `` | ``;
 * reference: the lexicalisation text, untouched; only lexicalisations with ``comment="good"``
-  are kept (train has 77 and dev 10 marked ``toFix``; all test ones are good);
+  are kept (train has 77 and dev 10 marked ``toFix``; all test ones are good). The repository
+  encodes " " + this text and the end token, stripping nothing (no lexicalisation of the 2017 data
+  starts or ends with whitespace);
 * seen: the category is one of the 10 training categories (Table 2 reports Seen / Unseen / All).
 
 Files: ``train/<n>triples/*.xml`` and ``dev/<n>triples/*.xml`` read in order of n, then file name
