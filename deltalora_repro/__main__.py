@@ -11,6 +11,7 @@ from omegaconf import DictConfig, open_dict
 
 from .errors import ConfigError, DataError
 from .run import run
+from .sweep import write_job_file
 
 log = logging.getLogger("deltalora_repro")
 
@@ -51,24 +52,33 @@ def main(cfg: DictConfig) -> float | None:
     with open_dict(cfg):
         cfg.output_dir = cfg.output_dir or hc.runtime.output_dir
         cfg.experiment_name = hc.runtime.choices.get("experiment")
+    multirun = hc.mode == RunMode.MULTIRUN
+    job = {"job": hc.job.num if multirun else None, "overrides": " ".join(hc.overrides.task)}
     try:
         record = run(cfg)
     except Exception as e:
-        if hc.mode == RunMode.MULTIRUN:
+        if multirun:
             # In a sweep one failed job must not stop the others: report it and go on (a job that
-            # failed in training has its record written with status failed).
+            # failed in training has its record written with status failed); the sweep's summary
+            # (sweep.SweepSummary) reads the job file and makes the sweep's exit status non-zero.
             log.error("job %s failed: %s: %s", hc.job.num, type(e).__name__, e)
             print(f"error: job {hc.job.num} failed: {e}", file=sys.stderr)
+            bad_input = isinstance(e, (ConfigError, DataError))
+            write_job_file(cfg.output_dir, {**job, "status": "bad-input" if bad_input else "failed",
+                                            "error": f"{type(e).__name__}: {e}"})
             return None
         if isinstance(e, (ConfigError, DataError)):
             # Bad input: a clear message and a non-zero exit, no traceback.
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         raise
+    primary = record["metrics"]["primary"]
     best = record["metrics"]["best"]
-    log.info("best %s = %.4f (epoch %d)", record["metrics"]["primary"],
-             best[record["metrics"]["primary"]], best["epoch"])
-    return best[record["metrics"]["primary"]]
+    log.info("best %s = %.4f (epoch %d)", primary, best[primary], best["epoch"])
+    if multirun:
+        write_job_file(cfg.output_dir, {**job, "status": record["status"], "metric_name": primary,
+                                        "metric": best[primary], "record": record.get("record_file")})
+    return best[primary]
 
 
 if __name__ == "__main__":

@@ -121,6 +121,7 @@ def run(cfg: Any) -> dict:
     }
     record_file = records.record_path(results_dir, cfg.task.name, cfg.model.name, cfg.method.name,
                                       run_id)
+    record["record_file"] = str(record_file)
     t0 = time.perf_counter()
     try:
         torch.manual_seed(cfg.seed)

@@ -167,6 +167,8 @@ def test_cli_multirun_writes_one_record_per_job(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     methods = sorted(json.loads(p.read_text())["method"] for p in tmp_path.rglob("records/**/*.json"))
     assert methods == ["delta-lora", "lora"]
+    assert "sweep: 2 job(s)" in out.stderr
+    assert out.stderr.count(": completed") == 2
 
 
 def test_cli_multirun_failed_job_leaves_the_others(tmp_path):
@@ -174,7 +176,10 @@ def test_cli_multirun_failed_job_leaves_the_others(tmp_path):
               "task.train_max_examples=16", "task.eval_max_examples=16", "task.max_length=32",
               "train.epochs=1", "train.batch_size=8", f"results_dir={tmp_path}", "save_weights=false",
               f"hydra.sweep.dir={tmp_path / 'sweep'}")
-    assert out.returncode == 0, out.stderr[-2000:]
+    # The sweep goes on past the failed job, then says which failed and exits non-zero.
+    assert out.returncode == 1, out.stderr[-2000:]
     assert "job 0 failed" in out.stderr and "method.rank must be a positive integer" in out.stderr
+    assert "job 0: bad-input" in out.stderr and "job 1: completed" in out.stderr
+    assert "not every job of the sweep completed" in out.stderr
     recs = [json.loads(p.read_text()) for p in tmp_path.rglob("records/**/*.json")]
     assert [r["config"]["method"]["rank"] for r in recs] == [4] and recs[0]["status"] == "completed"
