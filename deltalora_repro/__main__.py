@@ -7,13 +7,19 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from . import records
 from .errors import ConfigError, DataError
 from .run import run
 from .sweep import write_job_file
 
 log = logging.getLogger("deltalora_repro")
+
+# A fresh run id each time Hydra resolves a run folder (configs/config.yaml, hydra.run.dir and
+# hydra.sweep.subdir); the run takes its id back from the folder's name.
+if not OmegaConf.has_resolver("deltalora_run_id"):
+    OmegaConf.register_new_resolver("deltalora_run_id", records.new_run_id)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # Config groups chosen on the command line (`group=name`); names may have sub-folders
@@ -50,7 +56,9 @@ def check_group_choices(argv: list[str], config_dir: Path = CONFIG_DIR) -> str |
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     with open_dict(cfg):
-        cfg.output_dir = cfg.output_dir or hc.runtime.output_dir
+        if not cfg.output_dir:
+            cfg.output_dir = hc.runtime.output_dir
+            cfg.run_id = records.run_id_in(Path(hc.runtime.output_dir).name)
         cfg.experiment_name = hc.runtime.choices.get("experiment")
     multirun = hc.mode == RunMode.MULTIRUN
     job = {"job": hc.job.num if multirun else None, "overrides": " ".join(hc.overrides.task)}

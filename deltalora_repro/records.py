@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import secrets
 import subprocess
 import sys
@@ -22,6 +23,15 @@ PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "hydra-co
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+_RUN_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")
+
+
+def run_id_in(name: str) -> str | None:
+    """The run id inside a run folder's name (`<id>` or `<job>_<id>`), or None."""
+    match = _RUN_ID.search(name)
+    return match.group(0) if match else None
 
 
 def git_state(root: Path = PROJECT_ROOT) -> dict:

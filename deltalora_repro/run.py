@@ -5,6 +5,7 @@ Called by the command line (`python -m deltalora_repro ...`) and directly by tes
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import time
 import traceback
@@ -64,6 +65,33 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"data_dir {cfg.data_dir!r} is not a directory")
 
 
+def _writable(path: Path, key: str) -> None:
+    """The folder (or the nearest existing parent) can take new files: checked before training,
+    so that a run's record is never lost at the end for an unwritable location."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={str(path)!r} cannot be written ({probe} is not a writable folder)")
+
+
+def check_outputs(cfg: Any, output_dir: Path, results_dir: Path) -> None:
+    """Before anything loads: the output folder is this run's alone, and both folders are
+    writable. A run's folder is written into again only by resume= (the run continues there)."""
+    if not cfg.results_dir:
+        raise ConfigError("results_dir must name a folder for the run record (default: outputs/results)")
+    for key, path in (("output_dir", output_dir), ("results_dir", results_dir)):
+        _writable(path, key)
+    resuming_here = cfg.resume and Path(cfg.resume).resolve() in (output_dir.resolve(),
+                                                                 (output_dir / "checkpoint.pt").resolve())
+    taken = [name for name in ("run.json", "checkpoint.pt", "weights.safetensors")
+             if (output_dir / name).exists()]
+    if taken and not resuming_here:
+        raise ConfigError(f"output_dir={str(output_dir)!r} already holds a run ({', '.join(taken)}); "
+                          "choose a new output_dir, or continue that run with "
+                          f"resume={output_dir}")
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -108,8 +136,9 @@ def run(cfg: Any) -> dict:
     precision = tcfg.precision if tcfg.precision != "auto" else (
         "bf16" if device.type == "cuda" else "fp32")
     output_dir = Path(cfg.output_dir)
-    results_dir = Path(cfg.results_dir) if cfg.results_dir else records.PROJECT_ROOT / "results"
-    run_id = records.new_run_id()
+    results_dir = Path(cfg.results_dir)
+    check_outputs(cfg, output_dir, results_dir)
+    run_id = cfg.get("run_id") or records.new_run_id()
     record = {
         "schema": records.SCHEMA, "run_id": run_id, "status": "running",
         "task": cfg.task.name, "model": cfg.model.name, "method": cfg.method.name,
