@@ -131,6 +131,11 @@ def test_bad_schedule_values_are_rejected_before_loading(override, message):
         validate(make_cfg("method=adalora", "task=glue/rte", override))
 
 
+def test_a_task_without_a_schedule_is_named():
+    with pytest.raises(ConfigError, match=r"adalora needs a budget schedule for the task \(task.adalora"):
+        validate(make_cfg("method=adalora", "task=glue/rte", "~task.adalora"))
+
+
 @needs_glue
 def test_run_record_carries_the_schedule_and_peft_gets_the_scaled_steps(tmp_path):
     cfg = make_cfg("model=tiny-roberta", "method=adalora", *SMALL, "train.epochs=2",

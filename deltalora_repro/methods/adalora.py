@@ -37,7 +37,8 @@ def _schedule(cfg: Any):
     except OmegaConfBaseException as e:
         raise ConfigError("adalora needs a budget schedule for the task (task.adalora: tinit, "
                           "tfinal, delta_t, beta1, beta2, orth_reg_weight and the authors' run "
-                          f"batch_size, epochs, train_size); this task has none ({e})") from None
+                          f"batch_size, epochs, train_size); this task has none "
+                          f"({str(e).splitlines()[0]})") from None
 
 
 def reference_steps(schedule: Any) -> int:
