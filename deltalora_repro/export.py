@@ -6,6 +6,8 @@ The run's output directory holds run.json (the record, with the full config) and
 weights.safetensors (only what differs from the pretrained model). The export rebuilds the
 pretrained model, applies the method, loads those tensors and folds every low-rank branch into W:
 for Delta-LoRA the effective weight is W_T + s * B_T A_T, where W_T already carries the updates.
+GPT-2's c_attn, split into q, k, v modules for a PEFT method, is fused back: the export loads as a
+plain GPT-2.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from safetensors.torch import load_file
 
 from .adapters import LoRALayer, Site, weight_slice
 from .errors import ConfigError
+from .fused_qkv import fuse_qkv
 from .methods import build_method
 from .models import head_prefixes, load_backbone
 from .tasks.base import build_task
@@ -54,7 +57,8 @@ def load_trained(run_dir: Path):
 def merge(model):
     """Fold each low-rank branch into its W and put the plain module back."""
     if hasattr(model, "merge_and_unload"):          # PEFT (AdaLoRA)
-        return model.merge_and_unload()
+        # GPT-2's c_attn was split into q, k, v for PEFT: fuse it back into a plain GPT-2.
+        return fuse_qkv(model.merge_and_unload())
     for name, module in list(model.named_modules()):
         if not isinstance(module, LoRALayer):
             continue

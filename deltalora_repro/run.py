@@ -48,8 +48,10 @@ def validate(cfg: Any) -> None:
          "auto, cpu or cuda[:N]"),
     ]
     if m.name == "adalora":
+        from .methods.adalora import schedule_checks
         checks.append(("method.target_rank", m.target_rank,
                        lambda v: isinstance(v, int) and 0 < v <= m.rank, f"in 1..{m.rank}"))
+        checks += schedule_checks(m)          # the task's budget schedule (task.adalora)
     for key, value, ok, want in checks:
         try:
             good = ok(value)
