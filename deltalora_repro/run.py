@@ -166,6 +166,7 @@ def run(cfg: Any) -> dict:
         task.prepare(tokenizer)
         n_total = total_steps(tcfg, len(task.train_examples()))
         method = build_method(cfg.method, n_total)
+        record["method_settings"] = method.record_fields()
         record["warnings"] = method.run_warnings()
         for warning in record["warnings"]:
             log.warning("%s", warning)

@@ -149,4 +149,5 @@ def test_run_record_carries_the_schedule_and_peft_gets_the_scaled_steps(tmp_path
     *_, method, _ = build(cfg)
     # 12 x 600 / 3900 = 1.85 -> 2; 12 x 1800 / 3900 = 5.54 -> 6.
     assert (method.peft_config.tinit, method.peft_config.tfinal) == (2, 6)
+    assert record["method_settings"] == {"tinit": 2, "tfinal": 6, "reference_steps": 3900}
     assert method.peft_config.deltaT == 1 and method.peft_config.total_step == 12

@@ -112,6 +112,9 @@ class AdaLoRA(Method):
         # Checked here, before the adapters are built: a misfit fails before any work on the model.
         self.tinit, self.tfinal = budget_phases(cfg, total_steps)
 
+    def record_fields(self) -> dict:
+        return {"tinit": self.tinit, "tfinal": self.tfinal, "reference_steps": reference_steps(self.schedule)}
+
     def apply(self, model: nn.Module, head_names: list[str]) -> nn.Module:
         cfg, s = self.cfg, self.schedule
         family = family_of(model)
@@ -146,7 +149,10 @@ class AdaLoRA(Method):
         return self.schedule.orth_reg_weight * torch.stack(terms).mean()
 
     def after_optimizer_step(self, step: int) -> None:
-        self.model.base_model.update_and_allocate(step)
+        # The AdaLoRA authors' trainer calls the allocator with the number of steps done before
+        # this one (0 after the first step), and PEFT's schedule (tinit, tfinal, deltaT) counts
+        # the same way; the loop's `step` is 1-based.
+        self.model.base_model.update_and_allocate(step - 1)
 
     def total_rank(self) -> int:
         """Ranks the allocator keeps across all adapted modules (init_r each before pruning)."""

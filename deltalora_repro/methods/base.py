@@ -55,6 +55,10 @@ class Method:
         return None
 
     # -- bookkeeping ------------------------------------------------------------------------------
+    def record_fields(self) -> dict:
+        """Settings the method derived for this run (not in the config as such), for the record."""
+        return {}
+
     def run_warnings(self) -> list[str]:
         """Settings that make this run not what its method name promises (e.g. Delta-LoRA whose
         start step comes after the last step): logged loudly and kept in the run record."""
