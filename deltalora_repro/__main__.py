@@ -1,17 +1,19 @@
 """python -m deltalora_repro [model=...] [task=...] [method=...] [any.override=...] [-m for sweeps]"""
 import difflib
 import logging
+import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import records
 from .errors import ConfigError, DataError
-from .run import run
 from .sweep import write_job_file
 
 log = logging.getLogger("deltalora_repro")
@@ -33,6 +35,53 @@ def group_choices(group: str, config_dir: Path = CONFIG_DIR) -> list[str]:
     return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
 
 
+# Dictionaries passed on as they are (a model's config, Hugging Face config overrides, inductor
+# options, a task's local split): any key below these is accepted.
+FREE_FORM = ("model.config", "task.model_overrides", "train.compile_options", "task.local_split")
+
+
+def _paths(node: Any, prefix: str) -> set[str]:
+    out = {prefix} if prefix else set()
+    if isinstance(node, dict):
+        for key, value in node.items():
+            out |= _paths(value, f"{prefix}.{key}" if prefix else str(key))
+    return out
+
+
+def known_keys(config_dir: Path = CONFIG_DIR) -> set[str]:
+    """Every dotted key any config file sets, placed where Hydra places it (its group, or the
+    root for `# @package _global_` files)."""
+    keys: set[str] = set()
+    for path in config_dir.rglob("*.yaml"):
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text) or {}
+        data = {k: v for k, v in data.items() if k not in ("defaults", "hydra")}
+        group = path.relative_to(config_dir).parts[0] if path.parent != config_dir else ""
+        prefix = "" if (not group or "@package _global_" in text) else group
+        keys |= _paths(data, prefix)
+    return keys
+
+
+def check_keys(argv: list[str], config_dir: Path = CONFIG_DIR) -> str | None:
+    """A message for the first `key=value` / `+key=value` naming no key of any config file
+    (a typo such as `+method.rnak=4` would otherwise be added silently), or None."""
+    keys = None
+    for arg in argv:
+        key, sep, _ = arg.partition("=")
+        key = key.lstrip("+~")
+        if not sep or key.startswith("hydra") or key in GROUPS or "/" in key:
+            continue
+        if any(key == f or key.startswith(f + ".") for f in FREE_FORM):
+            continue
+        keys = keys if keys is not None else known_keys(config_dir)
+        if key not in keys:
+            near = difflib.get_close_matches(key, sorted(keys), n=1, cutoff=0.6)
+            hint = f"; did you mean {near[0]}?" if near else ""
+            return (f"unknown config key {key!r}{hint} (keys come from configs/; free-form "
+                    f"dictionaries: {', '.join(FREE_FORM)})")
+    return None
+
+
 def check_group_choices(argv: list[str], config_dir: Path = CONFIG_DIR) -> str | None:
     """A message naming the valid choices for the first unknown `group=name`, or None.
 
@@ -52,6 +101,21 @@ def check_group_choices(argv: list[str], config_dir: Path = CONFIG_DIR) -> str |
     return None
 
 
+def _remove_unused_run_folder(hydra_dir: Path, output_dir: Path) -> None:
+    if hydra_dir.resolve() != output_dir.resolve() or not hydra_dir.is_dir():
+        return                      # the user named output_dir: never removed
+    if all(p.name == ".hydra" or p.suffix == ".log" for p in hydra_dir.iterdir()):
+        shutil.rmtree(hydra_dir)
+        stop = Path.cwd().resolve()
+        for parent in hydra_dir.resolve().parents:          # the folders above, if now empty
+            if parent == stop or stop not in parent.parents:
+                break
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+
+
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
@@ -62,6 +126,7 @@ def main(cfg: DictConfig) -> float | None:
         cfg.experiment_name = hc.runtime.choices.get("experiment")
     multirun = hc.mode == RunMode.MULTIRUN
     job = {"job": hc.job.num if multirun else None, "overrides": " ".join(hc.overrides.task)}
+    from .run import run      # torch and transformers load only once the arguments are checked
     try:
         record = run(cfg)
     except Exception as e:
@@ -76,8 +141,10 @@ def main(cfg: DictConfig) -> float | None:
                                             "error": f"{type(e).__name__}: {e}"})
             return None
         if isinstance(e, (ConfigError, DataError)):
-            # Bad input: a clear message and a non-zero exit, no traceback.
+            # Bad input: a clear message and a non-zero exit, no traceback, and no trace on disk:
+            # the run folder Hydra made for this run holds only its own files, so it goes.
             print(f"error: {e}", file=sys.stderr)
+            _remove_unused_run_folder(Path(hc.runtime.output_dir), Path(cfg.output_dir))
             sys.exit(2)
         raise
     primary = record["metrics"]["primary"]
@@ -90,7 +157,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    problem = check_group_choices(sys.argv[1:])
+    problem = check_group_choices(sys.argv[1:]) or check_keys(sys.argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)

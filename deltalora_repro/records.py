@@ -12,8 +12,6 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-import torch
-
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = 1
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "hydra-core", "omegaconf",
@@ -57,6 +55,7 @@ def git_state(root: Path = PROJECT_ROOT) -> dict:
 
 
 def versions() -> dict:
+    import torch   # here, not at import: the command line's checks run before torch loads
     out = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
@@ -68,7 +67,8 @@ def versions() -> dict:
     return out
 
 
-def machine(device: torch.device) -> dict:
+def machine(device) -> dict:
+    import torch
     info = {"hostname": platform.node(), "platform": platform.platform(),
             "cpu_count": os.cpu_count(), "device": device.type}
     if device.type == "cuda":

@@ -26,6 +26,18 @@ from .train import Trainer, save_checkpoint, total_steps
 log = logging.getLogger(__name__)
 
 
+def _positive(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _optional(ok):
+    return lambda v: v is None or ok(v)
+
+
 def validate(cfg: Any) -> None:
     """Every check that can fail on the config alone, before anything is loaded."""
     m, t = cfg.method, cfg.train
@@ -46,7 +58,32 @@ def validate(cfg: Any) -> None:
         ("train.precision", t.precision, lambda v: v in ("fp32", "bf16", "auto"), "fp32, bf16 or auto"),
         ("device", cfg.device, lambda v: v == "auto" or v == "cpu" or str(v).startswith("cuda"),
          "auto, cpu or cuda[:N]"),
+        ("seed", cfg.seed, _count, "an integer >= 0"),
+        ("train.warmup_steps", t.warmup_steps, _optional(_count), "null or an integer >= 0"),
+        ("train.warmup_ratio", t.warmup_ratio, lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("train.max_grad_norm", t.max_grad_norm, _optional(lambda v: v > 0), "null or > 0"),
+        ("train.max_steps", t.max_steps, _optional(_positive), "null or a positive integer"),
+        ("train.eval_batch_size", t.eval_batch_size, _positive, "a positive integer"),
+        ("train.log_every", t.log_every, _positive, "a positive integer"),
+        ("train.checkpoint", t.checkpoint, lambda v: isinstance(v, bool), "true or false"),
+        ("save_weights", cfg.save_weights, lambda v: isinstance(v, bool), "true or false"),
     ]
+    task = cfg.task
+    for key in ("max_length", "max_source_length", "max_target_length"):
+        if key in task:
+            checks.append((f"task.{key}", task[key], _positive, "a positive integer"))
+    for key in ("train_max_examples", "eval_max_examples", "test_max_groups", "test_max_examples"):
+        if key in task:
+            checks.append((f"task.{key}", task[key], _optional(_positive), "null or a positive integer"))
+    if "decoding" in task:
+        d = task.decoding
+        checks += [("task.decoding.num_beams", d.num_beams, _positive, "a positive integer"),
+                   ("task.decoding.max_new_tokens", d.max_new_tokens, _positive, "a positive integer"),
+                   ("task.decoding.batch_size", d.batch_size, _positive, "a positive integer"),
+                   ("task.decoding.no_repeat_ngram_size", d.no_repeat_ngram_size, _count,
+                    "an integer >= 0"),
+                   ("task.decoding.length_penalty", d.length_penalty,
+                    lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number")]
     if m.name == "adalora":
         from .methods.adalora import schedule_checks
         checks.append(("method.target_rank", m.target_rank,
@@ -61,8 +98,6 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"{key} must be {want}, got {value!r}")
     from .train import compile_scope
     compile_scope(t)                       # train.compile: a clear error before loading anything
-    if t.max_steps is not None and t.max_steps <= 0:
-        raise ConfigError(f"train.max_steps must be a positive integer or null, got {t.max_steps}")
     if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
         raise ConfigError(f"data_dir {cfg.data_dir!r} is not a directory")
 
