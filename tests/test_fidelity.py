@@ -136,7 +136,7 @@ def _orthogonal_penalty(model) -> torch.Tensor:
 def test_trainer_adds_adalora_orthogonal_regulariser(tmp_path):
     """The gradients the trainer's optimizer step sees equal those of task loss + 5 * penalty,
     computed here by hand; without the penalty they differ (the check is not vacuous)."""
-    cfg = make_cfg("model=tiny-roberta", "method=adalora", "method.orth_reg_weight=5.0", *SMALL,
+    cfg = make_cfg("model=tiny-roberta", "method=adalora", "task.adalora.orth_reg_weight=5.0", *SMALL,
                    tmp_path=tmp_path)
     task, model, method, trainer = build(cfg)
     model.eval()                                   # dropout off: both passes see one function
