@@ -96,6 +96,9 @@ def validate(cfg: Any) -> None:
             good = False
         if not good:
             raise ConfigError(f"{key} must be {want}, got {value!r}")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by train.grad_accum "
+                          f"{t.grad_accum}")
     from .train import compile_scope
     compile_scope(t)                       # train.compile: a clear error before loading anything
     if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():

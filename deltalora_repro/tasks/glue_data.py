@@ -168,11 +168,17 @@ def _first_existing(paths: list[Path], what: str) -> Path:
 def _tsv_lines(path: Path) -> Iterator[tuple[int, list[str]]]:
     """Yield (1-based line number, tab-separated fields), skipping blank lines.
 
-    utf-8-sig drops the byte-order mark the raw MSRP files start with. newline="\\n" makes only
-    "\\n" end a line, so a stray carriage return inside a sentence cannot split a row in two.
+    utf-8-sig drops the byte-order mark the raw MSRP files start with. Lines are split on "\\n"
+    alone (bytes, decoded line by line), so a stray carriage return inside a sentence cannot split
+    a row in two, and a byte that is not UTF-8 is reported with its line.
     """
-    with path.open(encoding="utf-8-sig", newline="\n") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise _malformed(path, line_number, f"not UTF-8 text (byte {raw[exc.start]:#04x} at "
+                                 f"column {exc.start + 1})") from None
             line = line.rstrip("\r\n")
             if line:
                 yield line_number, line.split("\t")
@@ -202,6 +208,8 @@ def _read_header_tsv(path: Path, required: tuple[str, ...]) -> list[tuple[int, d
             problem = f"expected {len(header)} tab-separated fields, found {len(fields)}"
             raise _malformed(path, line_number, problem)
         rows.append((line_number, dict(zip(header, fields))))
+    if not rows:
+        raise DataError(f"{path.resolve()} has a header but no rows")
     return rows
 
 
