@@ -5,8 +5,8 @@ Called by the command line (`python -m deltalora_repro ...`) and directly by tes
 from __future__ import annotations
 
 import logging
-import os
 import resource
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -111,8 +111,14 @@ def _writable(path: Path, key: str) -> None:
     probe = path
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}={str(path)!r} cannot be written ({probe} is not a writable folder)")
+    try:
+        if not probe.is_dir():
+            raise OSError(f"{probe} is not a folder")
+        # Permission bits say nothing for root or on special file systems: try it.
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{key}={str(path)!r} cannot be written ({exc})") from None
 
 
 def check_outputs(cfg: Any, output_dir: Path, results_dir: Path) -> None:
