@@ -11,6 +11,7 @@ from omegaconf import DictConfig, open_dict
 
 from .errors import ConfigError, DataError
 from .run import run
+from .train import TrainingDiverged, TrainingInterrupted
 
 log = logging.getLogger("deltalora_repro")
 
@@ -18,6 +19,9 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # Config groups chosen on the command line (`group=name`); names may have sub-folders
 # (task=glue/rte, experiment=table4/lora), which Hydra's own error does not list.
 GROUPS = ("model", "task", "method", "train", "experiment")
+# Exit codes: 2 bad input, 3 training diverged (non-finite loss), 128 + signal number when
+# interrupted (130 SIGINT, 143 SIGTERM).
+DIVERGED_EXIT = 3
 
 
 def group_choices(group: str, config_dir: Path = CONFIG_DIR) -> list[str]:
@@ -53,6 +57,11 @@ def main(cfg: DictConfig) -> float | None:
         cfg.experiment_name = hc.runtime.choices.get("experiment")
     try:
         record = run(cfg)
+    except TrainingInterrupted as e:
+        # Asked to stop (a scheduler's SIGTERM, Ctrl-C): a checkpoint and a record with status
+        # interrupted are written; the shell's exit code for the signal, also in a sweep.
+        print(f"error: {e}; resume with resume={cfg.output_dir}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except Exception as e:
         if hc.mode == RunMode.MULTIRUN:
             # In a sweep one failed job must not stop the others: report it and go on (a job that
@@ -60,6 +69,10 @@ def main(cfg: DictConfig) -> float | None:
             log.error("job %s failed: %s: %s", hc.job.num, type(e).__name__, e)
             print(f"error: job {hc.job.num} failed: {e}", file=sys.stderr)
             return None
+        if isinstance(e, TrainingDiverged):
+            # Recorded with status diverged; the last good checkpoint is kept.
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(DIVERGED_EXIT)
         if isinstance(e, (ConfigError, DataError)):
             # Bad input: a clear message and a non-zero exit, no traceback.
             print(f"error: {e}", file=sys.stderr)
