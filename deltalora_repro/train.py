@@ -169,6 +169,7 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "epoch_generator": self.epoch_generator_state,
+                "generator": self.generator.get_state(),
                 "method": self.method.state_dict(), "step": self.step, "epoch": self.epoch,
                 "position": self.position, "evals": self.evals,
                 "torch_rng": torch.get_rng_state(),
@@ -202,7 +203,7 @@ class Trainer:
         self.scheduler.base_lrs = [as_tensor(v) for v in self.scheduler.base_lrs]
         self.scheduler._last_lr = [as_tensor(v) for v in self.scheduler._last_lr]
         self.epoch_generator_state = state["epoch_generator"]
-        self.generator.set_state(self.epoch_generator_state)
+        self.generator.set_state(state["generator"])
         self.method.load_state_dict(state["method"])
         self.step, self.epoch, self.evals = state["step"], state["epoch"], state["evals"]
         self.position = state["position"]
