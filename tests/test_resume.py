@@ -310,3 +310,29 @@ def test_cli_sigterm_exits_143_and_resumes(tmp_path):
     assert ckpt.step == record["checkpoint"]["step"] >= 5
     resumed = _cli(tmp_path / "r", *LONG, "train.max_steps=40", f"resume={tmp_path / 'out'}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("update", ["explicit", "deferred"])
+def test_graph_path_sigterm_and_resume_on_gpu(tmp_path, monkeypatch, update):
+    """The CUDA-graph step checkpoints capturable AdamW's device step and lr by value and resumes
+    into device tensors; the resumed run ends where the straight one does."""
+    args = ("method=delta-lora", "method.start_steps=2", f"method.update={update}", "device=cuda",
+            "train.cuda_graph=true", "train.compile=false", "train.precision=fp32")
+    straight = run(cfg_of(tmp_path / "a", *args))
+    assert straight["fast_path"]["cuda_graph"]
+    with monkeypatch.context() as m:
+        sigterm_at(m, 7)
+        with pytest.raises(TrainingInterrupted):
+            run(cfg_of(tmp_path / "b", *args))
+    doc = json.loads((tmp_path / "b" / "out" / "checkpoint.json").read_text())
+    group = doc["state"]["optimizer"]["param_groups"][0]
+    assert group["lr"]["device"] == "cuda" and group["capturable"] is True
+    resumed = run(cfg_of(tmp_path / "c", *args, f"resume={tmp_path / 'b' / 'out'}"))
+    assert resumed["fast_path"]["cuda_graph"] and resumed["resumed_from"]["step"] == 7
+    assert resumed["metrics"]["evals"] == straight["metrics"]["evals"]
+    a = load_file(str(tmp_path / "a" / "out" / "weights.safetensors"))
+    c = load_file(str(tmp_path / "c" / "out" / "weights.safetensors"))
+    for k in a:
+        torch.testing.assert_close(c[k], a[k], rtol=1e-6, atol=1e-7, msg=k)
