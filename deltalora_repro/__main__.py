@@ -27,6 +27,9 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # Config groups chosen on the command line (`group=name`); names may have sub-folders
 # (task=glue/rte, experiment=table4/lora), which Hydra's own error does not list.
 GROUPS = ("model", "task", "method", "train", "experiment")
+# Exit codes: 2 bad input, 3 training diverged (non-finite loss), 128 + signal number when
+# interrupted (130 SIGINT, 143 SIGTERM).
+DIVERGED_EXIT = 3
 
 
 def group_choices(group: str, config_dir: Path = CONFIG_DIR) -> list[str]:
@@ -126,9 +129,16 @@ def main(cfg: DictConfig) -> float | None:
         cfg.experiment_name = hc.runtime.choices.get("experiment")
     multirun = hc.mode == RunMode.MULTIRUN
     job = {"job": hc.job.num if multirun else None, "overrides": " ".join(hc.overrides.task)}
-    from .run import run      # torch and transformers load only once the arguments are checked
+    # torch and transformers load only once the arguments are checked
+    from .run import run
+    from .train import TrainingDiverged, TrainingInterrupted
     try:
         record = run(cfg)
+    except TrainingInterrupted as e:
+        # Asked to stop (a scheduler's SIGTERM, Ctrl-C): a checkpoint and a record with status
+        # interrupted are written; the shell's exit code for the signal, also in a sweep.
+        print(f"error: {e}; resume with resume={cfg.output_dir}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except Exception as e:
         if multirun:
             # In a sweep one failed job must not stop the others: report it and go on (a job that
@@ -136,10 +146,15 @@ def main(cfg: DictConfig) -> float | None:
             # (sweep.SweepSummary) reads the job file and makes the sweep's exit status non-zero.
             log.error("job %s failed: %s: %s", hc.job.num, type(e).__name__, e)
             print(f"error: job {hc.job.num} failed: {e}", file=sys.stderr)
-            bad_input = isinstance(e, (ConfigError, DataError))
-            write_job_file(cfg.output_dir, {**job, "status": "bad-input" if bad_input else "failed",
+            status = ("bad-input" if isinstance(e, (ConfigError, DataError)) else
+                      "diverged" if isinstance(e, TrainingDiverged) else "failed")
+            write_job_file(cfg.output_dir, {**job, "status": status,
                                             "error": f"{type(e).__name__}: {e}"})
             return None
+        if isinstance(e, TrainingDiverged):
+            # Recorded with status diverged; the last good checkpoint is kept.
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(DIVERGED_EXIT)
         if isinstance(e, (ConfigError, DataError)):
             # Bad input: a clear message and a non-zero exit, no traceback, and no trace on disk:
             # the run folder Hydra made for this run holds only its own files, so it goes.

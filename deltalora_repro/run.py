@@ -16,12 +16,12 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from . import records
+from . import checkpoint, records
 from .errors import ConfigError, DataError
 from .methods import METHODS, build_method
 from .models import canonical_name, head_prefixes, load_backbone
 from .tasks.base import build_task
-from .train import Trainer, save_checkpoint, total_steps
+from .train import Trainer, TrainingDiverged, TrainingInterrupted, total_steps
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +128,9 @@ def check_outputs(cfg: Any, output_dir: Path, results_dir: Path) -> None:
         raise ConfigError("results_dir must name a folder for the run record (default: outputs/results)")
     for key, path in (("output_dir", output_dir), ("results_dir", results_dir)):
         _writable(path, key)
-    resuming_here = cfg.resume and Path(cfg.resume).resolve() in (output_dir.resolve(),
-                                                                 (output_dir / "checkpoint.pt").resolve())
-    taken = [name for name in ("run.json", "checkpoint.pt", "weights.safetensors")
+    resuming_here = cfg.resume and Path(cfg.resume).resolve() in (
+        output_dir.resolve(), (output_dir / checkpoint.INDEX).resolve())
+    taken = [name for name in ("run.json", checkpoint.INDEX, "weights.safetensors")
              if (output_dir / name).exists()]
     if taken and not resuming_here:
         raise ConfigError(f"output_dir={str(output_dir)!r} already holds a run ({', '.join(taken)}); "
@@ -184,12 +184,23 @@ def run(cfg: Any) -> dict:
     output_dir = Path(cfg.output_dir)
     results_dir = Path(cfg.results_dir)
     check_outputs(cfg, output_dir, results_dir)
+    every = tcfg.get("checkpoint_every")
+    if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every <= 0):
+        raise ConfigError(f"train.checkpoint_every must be a positive integer (optimizer steps) "
+                          f"or null (epoch ends only), got {every!r}")
+    config = OmegaConf.to_container(cfg, resolve=True)
+    resume_from, resume_changes = None, {}
+    if cfg.resume:
+        # Before anything is loaded: a damaged or foreign checkpoint, or a resume that would
+        # silently train with the checkpoint's settings instead of the ones asked for, stops here.
+        resume_from = checkpoint.read(cfg.resume)
+        resume_changes = checkpoint.check_resume_config(resume_from, config, precision)
     run_id = cfg.get("run_id") or records.new_run_id()
     record = {
         "schema": records.SCHEMA, "run_id": run_id, "status": "running",
         "task": cfg.task.name, "model": cfg.model.name, "method": cfg.method.name,
         "seed": cfg.seed, "experiment": cfg.get("experiment_name"),
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": config,
         "precision": precision, "git": records.git_state(), "machine": records.machine(device),
         "versions": records.versions(), "command": records.command_line(),
         "output_dir": str(output_dir), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -198,6 +209,8 @@ def run(cfg: Any) -> dict:
                                       run_id)
     record["record_file"] = str(record_file)
     t0 = time.perf_counter()
+    trainer = None
+    saved: dict = {}             # the last checkpoint written: {"path", "step"}
     try:
         torch.manual_seed(cfg.seed)
         task = build_task(cfg.task, cfg.data_dir)
@@ -221,14 +234,24 @@ def run(cfg: Any) -> dict:
         train_cfg = OmegaConf.merge(tcfg, {"precision": precision})
         trainer = Trainer(model, method, task, train_cfg, device, cfg.seed, n_total)
         output_dir.mkdir(parents=True, exist_ok=True)
-        ckpt = output_dir / "checkpoint.pt"
-        if cfg.resume:
-            source = Path(cfg.resume) / "checkpoint.pt" if Path(cfg.resume).is_dir() else Path(cfg.resume)
-            if not source.is_file():
-                raise ConfigError(f"resume={cfg.resume!r}: no checkpoint.pt there")
-            trainer.load_state_dict(torch.load(source, map_location=device, weights_only=False))
-            record["resumed_from"] = {"path": str(source), "step": trainer.step, "epoch": trainer.epoch}
-            log.info("resumed from %s at step %d (epoch %d)", source, trainer.step, trainer.epoch)
+        if resume_from is not None:
+            trainer.load_state_dict(resume_from.load_state(device))
+            record["resumed_from"] = {"path": str(resume_from.index), "step": trainer.step,
+                                      "epoch": trainer.epoch, "position": trainer.position,
+                                      "config_changes": resume_changes}
+            log.info("resumed from %s at step %d (epoch %d, step %d of it)", resume_from.index,
+                     trainer.step, trainer.epoch + 1, trainer.position)
+
+        def save(tr: Trainer) -> None:
+            try:
+                path = checkpoint.save(tr.state_dict(), output_dir,
+                                       {"config": config, "precision": precision})
+            except checkpoint.NonFiniteState as e:
+                raise TrainingDiverged(saved.get("step", 0) + 1, tr.step,
+                                       f"{e} though the loss was finite,") from None
+            saved.update(path=str(path), step=tr.step)
+            log.info("checkpoint at step %d: %s", tr.step, path)
+
         record["params"] = {
             "trainable": method.trainable_numel(model),
             "head": sum(p.numel() for n, p in model.named_parameters()
@@ -238,36 +261,33 @@ def run(cfg: Any) -> dict:
         }
         record["total_steps"] = n_total
         t_train = time.perf_counter()
-        trainer.fit(on_epoch_end=(lambda tr: save_checkpoint(tr, ckpt)) if tcfg.checkpoint else None)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        record["train_time_s"] = time.perf_counter() - t_train
-        from .train import compile_scope
-        record["fast_path"] = {"cuda_graph": trainer.use_graphs, "compile": compile_scope(trainer.cfg),
-                               "delta_update": getattr(method, "mode", None)}
-        primary = task.metric
-        pick = max if task.metric_mode == "max" else min
-        best = pick(trainer.evals, key=lambda e: e[primary])
-        method.eval_settings()[0][1]()                # the reported setting (DyLoRA: full rank)
-        t_test = time.perf_counter()
-        with trainer.eager():
-            test_metrics = task.test(model, device, output_dir)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        predictions = _keep_predictions(output_dir, results_dir, cfg, run_id)
-        if predictions is not None:
-            record["test_time_s"] = time.perf_counter() - t_test
-            record["predictions"] = predictions
-        record["metrics"] = {"primary": primary, "mode": task.metric_mode, "evals": trainer.evals,
-                             "best": best, "final": {**trainer.evals[-1], **test_metrics}}
-        if cfg.save_weights:
-            record["weights"] = {"path": str(output_dir / "weights.safetensors"),
-                                 "tensors": len(save_weights(model, method,
-                                                             output_dir / "weights.safetensors"))}
+        with trainer.stop_on_signals():
+            trainer.fit(save=save)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            record["train_time_s"] = time.perf_counter() - t_train
+            result = _evaluate_and_save(cfg, record, trainer, task, model, method, device,
+                                        output_dir, results_dir, run_id)
         record["status"] = "completed"
-        return record
+        return result
     except (ConfigError, DataError):
         raise                    # bad input: nothing ran, so nothing to record
+    except TrainingDiverged as e:
+        record["status"] = "diverged"
+        record["error"] = str(e)
+        record["last_good_checkpoint"] = saved or None
+        if trainer is not None:
+            record["evals"] = trainer.evals
+        log.error("%s; last good checkpoint: %s", e, saved.get("path", "none written"))
+        raise
+    except TrainingInterrupted as e:
+        record["status"] = "interrupted"
+        record["error"] = str(e)
+        record["checkpoint"] = saved or None
+        if trainer is not None:
+            record["evals"] = trainer.evals
+        log.warning("%s; resume with resume=%s", e, output_dir)
+        raise
     except BaseException as e:
         record["status"] = "failed"
         record["error"] = "".join(traceback.format_exception_only(type(e), e)).strip()
@@ -282,3 +302,31 @@ def run(cfg: Any) -> dict:
             output_dir.mkdir(parents=True, exist_ok=True)
             records.write_json_atomic(output_dir / "run.json", record, overwrite=True)
             log.info("record: %s", record_file)
+
+
+def _evaluate_and_save(cfg, record, trainer, task, model, method, device, output_dir, results_dir,
+                   run_id) -> dict:
+    """After training: the test set, the metrics and the weights, into the record."""
+    from .train import compile_scope
+    record["fast_path"] = {"cuda_graph": trainer.use_graphs, "compile": compile_scope(trainer.cfg),
+                           "delta_update": getattr(method, "mode", None)}
+    primary = task.metric
+    pick = max if task.metric_mode == "max" else min
+    best = pick(trainer.evals, key=lambda e: e[primary])
+    method.eval_settings()[0][1]()                # the reported setting (DyLoRA: full rank)
+    t_test = time.perf_counter()
+    with trainer.eager():
+        test_metrics = task.test(model, device, output_dir)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    predictions = _keep_predictions(output_dir, results_dir, cfg, run_id)
+    if predictions is not None:
+        record["test_time_s"] = time.perf_counter() - t_test
+        record["predictions"] = predictions
+    record["metrics"] = {"primary": primary, "mode": task.metric_mode, "evals": trainer.evals,
+                         "best": best, "final": {**trainer.evals[-1], **test_metrics}}
+    if cfg.save_weights:
+        record["weights"] = {"path": str(output_dir / "weights.safetensors"),
+                             "tensors": len(save_weights(model, method,
+                                                         output_dir / "weights.safetensors"))}
+    return record

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -36,6 +37,28 @@ from .methods import Method
 from .tasks.base import Task
 
 log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or the state about to be checkpointed) became inf or NaN."""
+
+    def __init__(self, first_step: int, last_step: int, what: str = "the loss became non-finite"):
+        self.first_step, self.last_step = first_step, last_step
+        window = (f"at optimizer step {last_step}" if first_step == last_step else
+                  f"between optimizer steps {first_step} and {last_step}")
+        super().__init__(f"training diverged: {what} {window}")
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT or SIGTERM: the run stopped at a step boundary (after writing a checkpoint)."""
+
+    def __init__(self, signum: int, step: int):
+        self.signum, self.step = signum, step
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at optimizer step {step}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum          # the shell's convention: 130 SIGINT, 143 SIGTERM
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -122,41 +145,79 @@ class Trainer:
             n = compile_blocks(model, backend=cfg.compile_backend, mode=mode,
                                dynamic=cfg.compile_dynamic, options=options)
             log.info("train.compile=blocks: compiled %d repeated blocks", n)
-        # The data order depends on the seed alone and is restored on resume.
+        # The data order depends on the seed alone and is restored on resume: each epoch's
+        # permutation is drawn from the generator state at the epoch's start (kept, so that a
+        # mid-epoch resume draws the same permutation and skips the steps already done).
         self.generator = torch.Generator().manual_seed(seed)
+        self.epoch_generator_state = self.generator.get_state()
         self.step = 0          # optimizer steps done
         self.epoch = 0         # epochs done
+        self.position = 0      # optimizer steps done in the current epoch
         self.evals: list[dict] = []
+        # Divergence: every step folds "this loss (and gradient norm) is not finite" into one
+        # device flag, read only where the loop synchronises anyway (log points, checkpoints,
+        # epoch ends), so the step stays free of host syncs and legal inside a CUDA graph.
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self.checked_step = 0  # the flag was last read (and clear) after this step
+        # Set by a SIGINT/SIGTERM handler (signal number); acted on at the next step boundary.
+        self.stop_signal: int | None = None
+        self.in_loop = False
 
     # -- checkpointing ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Everything a resume needs, nested; checkpoint.save splits it into JSON + safetensors."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
+                "scheduler": self.scheduler.state_dict(),
+                "epoch_generator": self.epoch_generator_state,
+                "generator": self.generator.get_state(),
                 "method": self.method.state_dict(), "step": self.step, "epoch": self.epoch,
-                "evals": self.evals, "torch_rng": torch.get_rng_state(),
+                "position": self.position, "evals": self.evals,
+                "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        own = self.model.state_dict()
+        theirs = state["model"]
+        missing, extra = sorted(set(own) - set(theirs)), sorted(set(theirs) - set(own))
+        shapes = sorted(k for k in set(own) & set(theirs) if own[k].shape != theirs[k].shape)
+        if missing or extra or shapes:
+            # The config check normally catches another model or method first; this is the
+            # backstop for a checkpoint whose tensors do not fit this model.
+            first = (missing or extra or shapes)[0]
+            raise ConfigError(
+                f"resume: the checkpoint's model tensors do not fit this model ({len(missing)} "
+                f"missing, {len(extra)} unexpected, {len(shapes)} of another shape; first: "
+                f"{first}): a checkpoint of another model or method?")
+        self.model.load_state_dict(theirs)
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.use_graphs:
-            # A checkpoint may come from the plain path (lr a float) or another device; the
-            # recorded steps must read the lr from a device tensor that the scheduler updates.
-            for group in self.optimizer.param_groups:
-                group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
         self.scheduler.load_state_dict(state["scheduler"])
+        for group in self.optimizer.param_groups:
+            if self.use_graphs:
+                # A checkpoint may come from the plain path (lr a float) or another device; the
+                # recorded steps must read the lr from a device tensor that the scheduler updates.
+                group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
+            elif isinstance(group["lr"], torch.Tensor):
+                group["lr"] = float(group["lr"])        # a graph-path checkpoint on the plain path
+        as_tensor = (lambda v: torch.as_tensor(float(v), device=self.device)) if self.use_graphs \
+            else float
+        self.scheduler.base_lrs = [as_tensor(v) for v in self.scheduler.base_lrs]
+        self.scheduler._last_lr = [as_tensor(v) for v in self.scheduler._last_lr]
+        self.epoch_generator_state = state["epoch_generator"]
         self.generator.set_state(state["generator"])
         self.method.load_state_dict(state["method"])
         self.step, self.epoch, self.evals = state["step"], state["epoch"], state["evals"]
+        self.position = state["position"]
+        self.checked_step = self.step
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
     # -- the loop ------------------------------------------------------------------------------------
-    def step_batches(self, examples: list[dict]):
-        """One list of micro-batches per optimizer step, in a seeded random order."""
+    def step_batches(self, examples: list[dict], skip: int = 0):
+        """One list of micro-batches per optimizer step, in a seeded random order, from step
+        `skip` of the epoch on (a mid-epoch resume: same permutation, done steps not collated)."""
         order = torch.randperm(len(examples), generator=self.generator).tolist()
-        for i in range(0, len(order), self.cfg.batch_size):
+        for i in range(skip * self.cfg.batch_size, len(order), self.cfg.batch_size):
             chunk = order[i:i + self.cfg.batch_size]
             yield [self.task.collate([examples[j] for j in chunk[k:k + self.micro_batch]])
                    for k in range(0, len(chunk), self.micro_batch)]
@@ -177,14 +238,29 @@ class Trainer:
                     loss = loss + extra
             (loss / len(micro_batches)).backward()
             total += loss.detach() / len(micro_batches)
+        self._fold_nonfinite(total)
         if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm, foreach=True)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm, foreach=True)
+            self._fold_nonfinite(norm)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         self.method.after_optimizer_step(self.step)   # e.g. Delta-LoRA's W update
         self.optimizer.zero_grad(set_to_none=True)
         return total
+
+    def _fold_nonfinite(self, value: torch.Tensor) -> None:
+        """flag |= not finite(value), on the device and in place: no sync, capturable."""
+        torch.logical_or(self.nonfinite, ~torch.isfinite(value.detach()), out=self.nonfinite)
+
+    def check_finite(self) -> None:
+        """Read the divergence flag (a host sync: only at log points, checkpoints, epoch ends and
+        stops); raise TrainingDiverged naming the steps since the last clear reading."""
+        if self.step == self.checked_step:
+            return
+        if bool(self.nonfinite):
+            raise TrainingDiverged(self.checked_step + 1, self.step)
+        self.checked_step = self.step
 
     # -- the graph path ---------------------------------------------------------------------------
     def _step_body(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -195,8 +271,10 @@ class Trainer:
             if extra is not None:
                 loss = loss + extra
         loss.backward()
+        self._fold_nonfinite(loss.detach())
         if self.cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm, foreach=True)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm, foreach=True)
+            self._fold_nonfinite(norm)
         self.optimizer.step()
         # Inside the graph, so that the gradients live only during a replay and every shape's
         # graph can share one memory pool.
@@ -227,11 +305,13 @@ class Trainer:
         params = [p.detach().clone() for p in self.params]
         state = {p: {k: v.clone() for k, v in self.optimizer.state[p].items()}
                  for p in self.params if p in self.optimizer.state}
-        return params, state, torch.get_rng_state(), torch.cuda.get_rng_state(self.device)
+        return (params, state, torch.get_rng_state(), torch.cuda.get_rng_state(self.device),
+                self.nonfinite.clone())
 
     @torch.no_grad()
     def _restore(self, snap: tuple) -> None:
-        params, state, cpu_rng, cuda_rng = snap
+        params, state, cpu_rng, cuda_rng, nonfinite = snap
+        self.nonfinite.copy_(nonfinite)
         torch._foreach_copy_(self.params, params)
         for p in self.params:
             for k, v in self.optimizer.state.get(p, {}).items():
@@ -296,35 +376,96 @@ class Trainer:
             self.method.on_train_start(self.device, self.cfg, graphs)
             self._started = True
 
-    def fit(self, on_epoch_end: Callable[["Trainer"], None] | None = None) -> None:
+    def fit(self, save: Callable[["Trainer"], None] | None = None) -> None:
+        """Train to the end. `save(trainer)` writes a checkpoint: every `train.checkpoint_every`
+        optimizer steps and at every epoch end when `train.checkpoint` is on, and always when a
+        SIGINT/SIGTERM has asked to stop (then TrainingInterrupted is raised). The divergence
+        flag is read first each time, so a checkpoint is never written after a non-finite loss."""
         cfg = self.cfg
         examples = self.task.train_examples()
+        per_epoch = math.ceil(len(examples) / cfg.batch_size)
+        periodic = save if cfg.get("checkpoint", True) else None
+        every = cfg.get("checkpoint_every")
         self.start()
         self.model.train()
         running = torch.zeros((), device=self.device)
         t_log, n_log = time.perf_counter(), 0
-        while self.epoch < cfg.epochs and self.step < self.total_steps:
-            for micro_batches in self.step_batches(examples):
-                running += self.train_step(micro_batches)
-                n_log += 1
-                if self.step % cfg.log_every == 0:
-                    # The only host synchronisation in the loop, once every log_every steps.
-                    dt = time.perf_counter() - t_log
-                    log.info("step %d/%d epoch %d loss %.4f lr %.2e %.1f ms/step", self.step,
-                             self.total_steps, self.epoch + 1, (running / n_log).item(),
-                             self.scheduler.get_last_lr()[0], 1000 * dt / n_log)
-                    running.zero_()
-                    t_log, n_log = time.perf_counter(), 0
-                if self.step >= self.total_steps:
-                    break
-            self.epoch += 1
-            metrics = self.evaluate()
-            self.evals.append({"epoch": self.epoch, "step": self.step, **metrics})
-            log.info("epoch %d step %d eval %s", self.epoch, self.step,
-                     {k: round(v, 4) for k, v in metrics.items()})
-            if on_epoch_end is not None:
-                on_epoch_end(self)
+        self.in_loop = True
+        try:
+            while self.epoch < cfg.epochs and self.step < self.total_steps:
+                if self.position:
+                    self.generator.set_state(self.epoch_generator_state)   # mid-epoch resume
+                else:
+                    self.epoch_generator_state = self.generator.get_state()
+                for micro_batches in self.step_batches(examples, skip=self.position):
+                    running += self.train_step(micro_batches)
+                    self.position += 1
+                    n_log += 1
+                    if self.step % cfg.log_every == 0:
+                        # The only host synchronisation of a plain step, once every log_every.
+                        self.check_finite()
+                        dt = time.perf_counter() - t_log
+                        log.info("step %d/%d epoch %d loss %.4f lr %.2e %.1f ms/step", self.step,
+                                 self.total_steps, self.epoch + 1, (running / n_log).item(),
+                                 self.scheduler.get_last_lr()[0], 1000 * dt / n_log)
+                        running.zero_()
+                        t_log, n_log = time.perf_counter(), 0
+                    self._stop_if_asked(save)
+                    ends_epoch = self.position >= per_epoch or self.step >= self.total_steps
+                    # An epoch end checkpoints right after its evaluation: not twice.
+                    if periodic and every and self.step % every == 0 and not ends_epoch:
+                        self.check_finite()
+                        periodic(self)
+                    if self.step >= self.total_steps:
+                        break
+                self.check_finite()
+                self.epoch += 1
+                self.position = 0
+                self.epoch_generator_state = self.generator.get_state()
+                metrics = self.evaluate()
+                self.evals.append({"epoch": self.epoch, "step": self.step, **metrics})
+                log.info("epoch %d step %d eval %s", self.epoch, self.step,
+                         {k: round(v, 4) for k, v in metrics.items()})
+                if periodic:
+                    periodic(self)
+                self._stop_if_asked(save, saved=periodic is not None)
+        finally:
+            self.in_loop = False
         self.method.on_train_end()
+
+    def _stop_if_asked(self, save, saved: bool = False) -> None:
+        if self.stop_signal is None:
+            return
+        self.check_finite()
+        if save is not None and not saved:
+            save(self)
+        raise TrainingInterrupted(self.stop_signal, self.step)
+
+    @contextlib.contextmanager
+    def stop_on_signals(self, signals=(signal.SIGINT, signal.SIGTERM)):
+        """SIGINT/SIGTERM (a scheduler's notice before preemption) during training ask the loop
+        to stop at the next step boundary, checkpoint and raise TrainingInterrupted; outside the
+        loop (evaluation after training, test decoding), or at a second signal, it is raised at
+        once. Installed only in the main thread (Python delivers signals there alone)."""
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self.in_loop and self.stop_signal is None:
+                self.stop_signal = signum
+                log.warning("%s: stopping after this optimizer step, with a checkpoint "
+                            "(send it again to stop at once)", signal.Signals(signum).name)
+                return
+            raise TrainingInterrupted(signum, self.step)
+
+        previous = {s: signal.signal(s, handler) for s in signals}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
 
 
 class _StepGraph:
@@ -413,10 +554,3 @@ def compile_blocks(model: torch.nn.Module, backend: str, mode: str | None, dynam
 def graph_safe_methods() -> list[str]:
     from .methods.base import METHODS
     return [n for n, m in METHODS.items() if m.graph_safe]
-
-
-def save_checkpoint(trainer: Trainer, path: Path) -> None:
-    """Everything needed to resume exactly, written atomically (a crash never leaves half a file)."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(trainer.state_dict(), tmp)
-    tmp.replace(path)

@@ -75,7 +75,7 @@ def test_resume_continues_exactly(tmp_path, update):
                            tmp_path=tmp_path / "c"))
     assert resumed["resumed_from"]["epoch"] == 1
     other = "explicit" if update == "deferred" else "deferred"
-    with pytest.raises(ConfigError, match=f"written with method.update={update}"):
+    with pytest.raises(ConfigError, match=f"method.update: checkpoint '{update}', now '{other}'"):
         run(make_cfg("model=tiny-roberta", *SMALL, *args[:-1], f"method.update={other}",
                      f"resume={tmp_path / 'b' / 'out'}", tmp_path=tmp_path / "d"))
     a = load_file(str(tmp_path / "a" / "out" / "weights.safetensors"))

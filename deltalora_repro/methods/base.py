@@ -81,10 +81,14 @@ class Method:
         return [("", lambda: None)]
 
     def state_dict(self) -> dict:
+        """The method's own state for an exact resume (besides the model's and the optimizer's):
+        nested dicts/lists/tuples of tensors, numbers, strings and None. Checkpoints store the
+        tensors in safetensors and the rest as JSON (no pickle), so nothing else may appear."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        """Restore what state_dict() returned (tensors come back on the CPU, or on this run's
+        GPU when they were written from one)."""
 
 
 METHODS: dict[str, type[Method]] = {}

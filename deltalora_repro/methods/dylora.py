@@ -42,7 +42,8 @@ class DyLoRA(Method):
                          for b in range(1, self.cfg.rank + 1)]
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.generator.get_state(), "sampled": list(self.sampled)}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+        self.sampled = list(state["sampled"])
