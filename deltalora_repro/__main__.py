@@ -104,9 +104,11 @@ def check_group_choices(argv: list[str], config_dir: Path = CONFIG_DIR) -> str |
     return None
 
 
-def _remove_unused_run_folder(hydra_dir: Path, output_dir: Path) -> None:
-    if hydra_dir.resolve() != output_dir.resolve() or not hydra_dir.is_dir():
-        return                      # the user named output_dir: never removed
+def _remove_unused_run_folder(hydra_dir: Path) -> None:
+    """Hydra's run folder when it holds nothing but Hydra's own files (its .hydra folder and the
+    log); a folder with anything else in it (a run's files) is never touched."""
+    if not hydra_dir.is_dir():
+        return
     if all(p.name == ".hydra" or p.suffix == ".log" for p in hydra_dir.iterdir()):
         shutil.rmtree(hydra_dir)
         stop = Path.cwd().resolve()
@@ -159,7 +161,7 @@ def main(cfg: DictConfig) -> float | None:
             # Bad input: a clear message and a non-zero exit, no traceback, and no trace on disk:
             # the run folder Hydra made for this run holds only its own files, so it goes.
             print(f"error: {e}", file=sys.stderr)
-            _remove_unused_run_folder(Path(hc.runtime.output_dir), Path(cfg.output_dir))
+            _remove_unused_run_folder(Path(hc.runtime.output_dir))
             sys.exit(2)
         raise
     primary = record["metrics"]["primary"]
