@@ -233,7 +233,8 @@ class WebNLGTask(NLGTask):
 
     def score(self, predictions):
         """The paper procedure (the LoRA decode step before GenerationEval). The official one
-        needs nltk's punkt data, rarely present where models are trained: score_run adds it."""
+        needs nltk's punkt data, rarely present where models are trained: `score_run
+        --procedures official` adds it."""
         from ..metrics.webnlg import DEFAULT_PROCEDURE, get_procedure, webnlg_scores
         metrics = webnlg_scores(predictions, self.test_groups,
                                 lora_preprocess=get_procedure(DEFAULT_PROCEDURE).lora_preprocess)
