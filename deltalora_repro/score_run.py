@@ -157,9 +157,11 @@ def _main(args, argv: list[str]) -> int:
         out["metrics"] = score_predictions(task, rows)
     else:
         procedures = _existing_procedures(task, old) if old is not None else {}
-        missing = [n for n in names if n not in procedures]
+        # A run scored when it ran (task.score=true) keeps its scores in its own record.
+        in_run = records.scores_by_procedure(task, (run.get("metrics") or {}).get("final") or {})
+        missing = [n for n in names if n not in procedures and n not in in_run]
         if not missing:
-            print(f"{dst} already has procedure(s) {', '.join(names)}", file=sys.stderr)
+            print(f"run {run['run_id']} is already scored with procedure(s) {', '.join(names)}", file=sys.stderr)
             return 0
         data_dir = args.data_dir or (run.get("config") or {}).get("data_dir")
         for name, metrics in score_procedures(task, rows, missing, data_dir).items():

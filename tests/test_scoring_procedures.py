@@ -226,6 +226,16 @@ def test_score_run_adds_the_missing_procedures_to_an_old_score_record(tmp_path, 
     assert score_run.main([*args, "--procedures", "paper,bogus"]) == 2
 
 
+def test_score_run_skips_procedures_the_run_record_has(tmp_path, monkeypatch) -> None:
+    _stub_metrics(monkeypatch)
+    rows = [{"context": "c", "prediction": "p", "references": ["r . "], "group": "name[X]", "seen": None}]
+    final = {"val_loss": 1.0, "bleu": 0.7, "procedure": "paper",
+             "procedures": {"paper": {"bleu": 0.7}, "official": {"bleu": 0.6}}}
+    record = _run_record(tmp_path, "20261122-000000-scored", rows, final)
+    assert score_run.main([str(record), "--results", str(tmp_path / "results")]) == 0
+    assert not (tmp_path / "results" / "scores").exists()
+
+
 def test_score_run_official_needs_the_raw_references(tmp_path, monkeypatch, capsys) -> None:
     _stub_metrics(monkeypatch)
     rows = [{"context": "c", "prediction": "p", "references": ["r . "], "group": "name[X]", "seen": None}]
