@@ -529,8 +529,10 @@ def _procedure_lines(spec: TableSpec, procedures: Mapping[str, str]) -> list[str
     lines = []
     for task in sorted(spec.tasks & set(procedures)):
         name = procedures[task]
-        lines.append(f"Scoring procedure of every {_TASK_NAMES[task]} number: `{name}`, "
-                     f"{descriptions[task][name]}.")
+        line = f"Scoring procedure of every {_TASK_NAMES[task]} number: `{name}`, {descriptions[task][name]}."
+        if name != "paper":
+            line += " The paper's numbers in parentheses come from its own procedure (`paper`)."
+        lines.append(line)
     return lines
 
 

@@ -274,6 +274,8 @@ def test_tables_show_one_procedure_per_column_and_name_it() -> None:
     official = tables.render_table(spec, [both, legacy], "gpt2-medium", procedures={"e2e": "official"})
     assert _cells(official, "LoRA")[2:4] == ["62.00 (paper 69.60)", "8.00 (paper 8.78)"]
     assert "Scoring procedure of every E2E number: `official`" in official
+    assert "paper's numbers in parentheses come from its own procedure" in official
+    assert "paper's numbers in parentheses" not in paper
     tex = tables.render_table_latex(spec, [both], "gpt2-medium", procedures={"e2e": "official"})
     assert "62.00" in tex and "procedure of every E2E number: official" in tex
 
