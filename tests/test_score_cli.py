@@ -259,7 +259,9 @@ def test_real_command_end_to_end(tmp_path) -> None:
                            f"references={refs}"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert set(out) == {"bleu", "nist", "meteor", "rouge_l", "cider"}
+    assert set(out) == {"bleu", "nist", "meteor", "rouge_l", "cider", "task", "procedure", "description",
+                        "references", "n", "n_empty"}
+    assert (out["procedure"], out["n"], out["n_empty"]) == ("paper", 2, 0)
     assert 0 < out["bleu"] < 1 and 0 < out["meteor"] < 1
 
 
