@@ -96,3 +96,31 @@ def write_json_atomic(path: Path, obj: dict, overwrite: bool = False) -> None:
 
 def record_path(results_dir: Path, task: str, model: str, method: str, run_id: str) -> Path:
     return results_dir / "records" / task / model / method / f"{run_id}.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring procedures of the NLG tasks (metrics/e2e.py, metrics/webnlg.py)
+
+# The metrics a procedure reports, per task.
+PROCEDURE_METRICS = {
+    "e2e": ("bleu", "nist", "meteor", "rouge_l", "cider"),
+    "webnlg": tuple(f"{m}_{s}" for m in ("bleu", "meteor", "ter") for s in ("seen", "unseen", "all")),
+}
+# Scores written before the procedures had names carry none; the code that wrote them says what
+# they are. E2E: the tokenised references with the Perl mteval, neither procedure ("legacy").
+# WebNLG: the LoRA decode step before GenerationEval, which is the paper procedure.
+UNNAMED_PROCEDURE = {"e2e": "legacy", "webnlg": "paper"}
+
+
+def scores_by_procedure(task: str, metrics: dict) -> dict[str, dict]:
+    """{procedure: metrics} of a run's final metrics (or a score record's `metrics`): its
+    `procedures` when it names them, else its flat metrics under the name the code that wrote
+    them implies. Empty for tasks without procedures or when nothing was scored."""
+    if task not in PROCEDURE_METRICS:
+        return {}
+    if isinstance(metrics.get("procedures"), dict):
+        return {name: dict(values) for name, values in metrics["procedures"].items()}
+    flat = {k: metrics[k] for k in PROCEDURE_METRICS[task] if k in metrics}
+    if not flat:
+        return {}
+    return {metrics.get("procedure") or UNNAMED_PROCEDURE[task]: flat}

@@ -1,17 +1,30 @@
 """Score a file of predictions with the official E2E or WebNLG metrics; print one JSON object.
 
-    python -m deltalora_repro.score task=e2e predictions=FILE [references=FILE] [data_dir=DIR]
-                                    [mteval=perl|python]
-    python -m deltalora_repro.score task=webnlg predictions=FILE [references=FILE] [data_dir=DIR]
-                                    [lora_preprocess=true|false]
+    python -m deltalora_repro.score task=e2e predictions=FILE [procedure=paper|official]
+                                    [references=FILE] [data_dir=DIR]
+    python -m deltalora_repro.score task=webnlg predictions=FILE [procedure=paper|official]
+                                    [references=FILE] [data_dir=DIR]
+
+procedure (default paper) names how the numbers are made, and the output says which:
+- E2E paper: the LoRA repository's: the tokenised test references (lora_format/test.txt form),
+  measure_scores.py -p (Python mteval). official: the E2E challenge's: the raw references of
+  testset_w_refs.csv, measure_scores.py with the Perl mteval-v13a (metrics/e2e.py).
+- WebNLG paper: the LoRA repository's decode step (lowercase, split on non-word characters,
+  references padded to 6 with the first) before GenerationEval; official: GenerationEval on the
+  plain texts (needs nltk's punkt data) (metrics/webnlg.py).
 
 predictions: one prediction per line, one line per distinct test input in test-set order (630
 lines for E2E, 1862 for WebNLG), or for E2E a CSV with columns mr,prediction (the mr column may
 hold the raw MR, name[...], or the LoRA form, name : ...; rows are matched to the test inputs).
-references: blocks of references separated by blank lines, one block per prediction (the
-format of e2e-metrics). Without it the test set is loaded (from data_dir, or the hub when
-data_dir is not given) and grouped by input. WebNLG prints bleu/meteor/ter for the seen, unseen
-and all subsets when the test set is loaded, and for all entries only with a references file.
+An empty line is an empty prediction, scored as the official tools score it; the output counts
+them (n_empty). E2E lines break as e2e-metrics breaks them (any Unicode line boundary).
+references: replaces the procedure's references (the output then names the file). For E2E either
+e2e-metrics format: blocks of references separated by one blank line, one block per prediction,
+or a CSV/TSV with an MR and a reference column (the official testset_w_refs.csv as it is;
+consecutive rows with the same MR are one input's references). Without it the test set is loaded
+(from data_dir, or the hub when data_dir is not given) and grouped by input. WebNLG prints
+bleu/meteor/ter for the seen, unseen and all subsets when the test set is loaded, and for all
+entries only with a references file.
 
 Metrics are fractions except NIST and CIDEr (metrics/e2e.py, metrics/webnlg.py). Exit status 2
 on bad arguments or input files, with a message saying what is wrong.
@@ -26,7 +39,15 @@ import sys
 from pathlib import Path
 
 TASKS = ("e2e", "webnlg")
-KEYS = {"task", "predictions", "references", "data_dir", "mteval", "lora_preprocess"}
+PROCEDURE_NAMES = ("paper", "official")
+KEYS = {"task", "predictions", "references", "data_dir", "procedure"}
+# Keys of earlier versions, whose choice is now part of a named procedure.
+RETIRED = {
+    "mteval": "mteval= is set by procedure=: paper uses the Python mteval (measure_scores.py -p), "
+              "official the Perl mteval-v13a",
+    "lora_preprocess": "lora_preprocess= is set by procedure=: paper runs the LoRA decode step "
+                       "(lora_preprocess=true), official does not (false)",
+}
 
 
 class UsageError(Exception):
@@ -40,6 +61,8 @@ def parse_args(argv: list[str]) -> dict[str, str]:
         key = key.lstrip("-").replace("-", "_")
         if not sep:
             raise UsageError(f"arguments are key=value pairs, got {item!r}; keys: {', '.join(sorted(KEYS))}")
+        if key in RETIRED:
+            raise UsageError(f"{RETIRED[key]}; valid keys: {', '.join(sorted(KEYS))}")
         if key not in KEYS:
             raise UsageError(f"unknown argument {key!r}; valid keys: {', '.join(sorted(KEYS))}")
         args[key] = value
@@ -49,6 +72,9 @@ def parse_args(argv: list[str]) -> dict[str, str]:
         raise UsageError(f"unknown task {args['task']!r}; valid tasks: {', '.join(TASKS)}")
     if not args.get("predictions"):
         raise UsageError("missing predictions=FILE")
+    args.setdefault("procedure", "paper")
+    if args["procedure"] not in PROCEDURE_NAMES:
+        raise UsageError(f"unknown procedure {args['procedure']!r}; valid: {', '.join(PROCEDURE_NAMES)}")
     return args
 
 
@@ -62,14 +88,18 @@ def read_text(path: str, what: str) -> str:
         raise UsageError(f"cannot read {what} file {p.resolve()}: {exc}") from None
 
 
-def read_prediction_lines(text: str, path: str) -> list[str]:
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the newline that ends the last line
-    lines = [line.rstrip("\r") for line in lines]
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            raise UsageError(f"{path}: line {number} is empty; every line must hold one prediction")
+def read_prediction_lines(text: str, path: str, task: str) -> list[str]:
+    """One prediction per line; an empty line is an empty prediction. E2E: lines as e2e-metrics'
+    read_lines gives them (any Unicode line boundary, each stripped). WebNLG: lines split at "\\n"
+    only, as GenerationEval splits its files, a final newline ending the last line."""
+    if task == "e2e":
+        from deltalora_repro.metrics.e2e import split_lines
+        lines = split_lines(text)
+    else:
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()  # the newline that ends the last line
+        lines = [line.rstrip("\r") for line in lines]
     if not lines:
         raise UsageError(f"{path}: no predictions")
     return lines
@@ -84,16 +114,33 @@ def read_prediction_csv(text: str, path: str) -> list[tuple[int, str, str]]:
     reader.fieldnames = columns
     rows = []
     for row in reader:
-        if not (row.get("prediction") or "").strip():
-            raise UsageError(f"{path}: line {reader.line_num} has an empty prediction")
+        if row.get("prediction") is None:
+            raise UsageError(f"{path}: line {reader.line_num} has no prediction field")
         rows.append((reader.line_num, row["mr"].strip(), row["prediction"]))
     if not rows:
         raise UsageError(f"{path}: no predictions")
     return rows
 
 
-def read_reference_blocks(text: str) -> list[list[str]]:
-    """e2e-metrics' read_lines(multi_ref=True): stripped lines, blocks split at blank lines."""
+def read_references(path: str, task: str) -> tuple[list[list[str]], str]:
+    """(reference groups, what the file was read as) from references=FILE."""
+    text = read_text(path, "references")
+    if task == "e2e":
+        from deltalora_repro.metrics import e2e
+        try:
+            if e2e.looks_like_reference_table(path, text):
+                rows = e2e.read_reference_table(text, path)
+                return e2e.group_consecutive(rows), f"{path} (table of {len(rows)} MR, reference rows)"
+            groups = e2e.read_reference_blocks(text, path)
+        except ValueError as exc:
+            raise UsageError(f"{exc}; references must be e2e-metrics' blank-line-separated blocks "
+                             f"or a CSV/TSV with an MR and a reference column") from None
+        return groups, f"{path} (blank-line-separated blocks)"
+    return read_webnlg_reference_blocks(text), f"{path} (blank-line-separated blocks)"
+
+
+def read_webnlg_reference_blocks(text: str) -> list[list[str]]:
+    """Stripped lines, blocks split at blank lines."""
     blocks: list[list[str]] = [[]]
     for line in text.split("\n"):
         line = line.strip()
@@ -120,7 +167,7 @@ def load_test_groups(task: str, data_dir: str | None):
         split = load("test", data_dir)
     except (ValueError, OSError) as exc:
         raise UsageError(f"cannot load the {task} test set from {data_dir or 'the hub'}: {exc}") from None
-    return group_references(split.examples)
+    return group_references(split.examples), split.source
 
 
 def align_csv(rows: list[tuple[int, str, str]], groups, path: str) -> list[str]:
@@ -144,8 +191,24 @@ def align_csv(rows: list[tuple[int, str, str]], groups, path: str) -> list[str]:
     return predictions  # type: ignore[return-value]
 
 
-def score(args: dict[str, str]) -> dict[str, float]:
-    task, pred_path = args["task"], args["predictions"]
+def e2e_test_references(procedure: str, groups, source: str, data_dir: str | None):
+    """The procedure's references for the loaded test groups, and a description of them."""
+    from deltalora_repro.metrics import e2e
+    if procedure == "paper":
+        return e2e.paper_references([refs for _, refs in groups]), f"tokenised test references, {source}"
+    try:
+        raw, raw_source = e2e.official_test_references(data_dir)
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"cannot load the raw E2E test references: {exc}") from None
+    missing = [ex.group for ex, _ in groups if ex.group not in raw]
+    if missing:
+        raise UsageError(f"{raw_source}: no references for the test MR {missing[0]!r} "
+                         f"({len(missing)} MRs missing)")
+    return [raw[ex.group] for ex, _ in groups], f"raw test references, {raw_source}"
+
+
+def score(args: dict[str, str]) -> dict:
+    task, pred_path, procedure = args["task"], args["predictions"], args["procedure"]
     text = read_text(pred_path, "predictions")
     is_csv = task == "e2e" and (pred_path.lower().endswith(".csv") or text.lstrip().lower().startswith("mr,"))
     if is_csv and "references" in args:
@@ -153,32 +216,35 @@ def score(args: dict[str, str]) -> dict[str, float]:
 
     seen = None
     if "references" in args:
-        references = read_reference_blocks(read_text(args["references"], "references"))
-        predictions = read_prediction_lines(text, pred_path)
+        references, ref_source = read_references(args["references"], task)
+        predictions = read_prediction_lines(text, pred_path, task)
     else:
-        groups = load_test_groups(task, args.get("data_dir"))
-        references = [refs for _, refs in groups]
+        groups, source = load_test_groups(task, args.get("data_dir"))
         if is_csv:
             predictions = align_csv(read_prediction_csv(text, pred_path), groups, pred_path)
         else:
-            predictions = read_prediction_lines(text, pred_path)
-        if task == "webnlg":
+            predictions = read_prediction_lines(text, pred_path, task)
+        if task == "e2e":
+            references, ref_source = e2e_test_references(procedure, groups, source, args.get("data_dir"))
+        else:
+            references, ref_source = [refs for _, refs in groups], f"test references, {source}"
             seen = [bool(example.seen) for example, _ in groups]
     if len(predictions) != len(references):
         raise UsageError(f"{len(predictions)} predictions ({pred_path}) but {len(references)} reference "
                          f"groups ({args.get('references', 'test set')}); one prediction per input is needed")
 
+    out = {"task": task, "procedure": procedure, "references": ref_source, "n": len(predictions),
+           "n_empty": sum(1 for p in predictions if not p.strip())}
     if task == "e2e":
-        from deltalora_repro.metrics.e2e import MTEVAL_VARIANTS, e2e_metrics
-        mteval = args.get("mteval", "perl")
-        if mteval not in MTEVAL_VARIANTS:
-            raise UsageError(f"unknown mteval={mteval!r}; valid: {', '.join(MTEVAL_VARIANTS)}")
-        return e2e_metrics(predictions, references, mteval=mteval)
+        from deltalora_repro.metrics.e2e import get_procedure, score_procedure
+        out["description"] = get_procedure(procedure).description
+        return {**out, **score_procedure(procedure, predictions, references)}
+    from deltalora_repro.metrics.webnlg import get_procedure as webnlg_procedure
     from deltalora_repro.metrics.webnlg import webnlg_metrics_by_split
-    flag = args.get("lora_preprocess", "true").lower()
-    if flag not in ("true", "false"):
-        raise UsageError(f"lora_preprocess must be true or false, got {flag!r}")
-    return webnlg_metrics_by_split(predictions, references, seen, lora_preprocess=flag == "true")
+    spec = webnlg_procedure(procedure)
+    out["description"] = spec.description
+    return {**out, **webnlg_metrics_by_split(predictions, references, seen,
+                                             lora_preprocess=spec.lora_preprocess)}
 
 
 def main(argv: list[str] | None = None) -> int:

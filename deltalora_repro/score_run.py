@@ -1,12 +1,22 @@
 """Score a finished run's kept predictions and write a score record beside the run records.
 
     python -m deltalora_repro.score_run RECORD.json [--predictions FILE.jsonl] [--results DIR]
+                                        [--data-dir DIR] [--procedures paper,official]
 
 For runs decoded where the official scorers cannot run (no Java on the GPU machine:
-`task.score=false`). The predictions file is the run's `predictions.jsonl` (one line per distinct
-test input: context, prediction, references, seen); its SHA-256 is stored with the scores, so the
-score record is tied to exactly those outputs. The run record itself is never modified: tables
-merge `results/scores/.../<run_id>.json` into the run's final metrics.
+`task.score=false`), and for adding a scoring procedure to a run scored before. The predictions
+file is the run's `predictions.jsonl` (one line per distinct test input: context, prediction,
+references, group, seen); its SHA-256 is stored with the scores, so the score record is tied to
+exactly those outputs. The run record itself is never modified: tables merge
+`results/scores/.../<run_id>.json` into the run's final metrics.
+
+E2E and WebNLG scores are kept per named procedure (metrics/e2e.py, metrics/webnlg.py):
+`procedures` holds each one's metrics and provenance, `procedure` names the one in `metrics`
+(paper when present). An existing score record keeps its procedures and gains the missing ones;
+one written before procedures had names is kept under the name its code implies (E2E: "legacy",
+tokenised references with the Perl mteval; WebNLG: "paper"). Default procedures: E2E paper and
+official (the official one reads the raw references of testset_w_refs.csv from --data-dir, by
+default the run's data_dir); WebNLG paper (official needs nltk's punkt data).
 """
 from __future__ import annotations
 
@@ -21,20 +31,67 @@ import torch
 
 from . import records
 
+DEFAULT_PROCEDURES = {"e2e": ("paper", "official"), "webnlg": ("paper",)}
+
+
+class ScoreRunError(Exception):
+    """Bad arguments or inputs; main() prints it and exits with status 2."""
+
 
 def score_predictions(task: str, rows: list[dict]) -> dict:
+    """XSum's ROUGE scores (XSum has one way of scoring, no named procedures)."""
+    if task != "xsum":
+        raise ScoreRunError(f"run task {task!r} is scored per procedure; see score_procedures")
+    from .metrics.xsum import xsum_rouge
+    return xsum_rouge([r["prediction"] for r in rows], [r["reference"] for r in rows])
+
+
+def score_procedures(task: str, rows: list[dict], names: list[str], data_dir: str | None) -> dict[str, dict]:
+    """{procedure: metrics} of the kept predictions of an E2E or WebNLG run."""
     preds = [r["prediction"] for r in rows]
-    if task == "xsum":
-        from .metrics.xsum import xsum_rouge
-        return xsum_rouge(preds, [r["reference"] for r in rows])
     refs = [r["references"] for r in rows]
     if task == "e2e":
-        from .metrics.e2e import e2e_metrics
-        return e2e_metrics(preds, refs)
-    if task == "webnlg":
-        from .metrics.webnlg import webnlg_metrics_by_split
-        return webnlg_metrics_by_split(preds, refs, [bool(r["seen"]) for r in rows])
-    raise SystemExit(f"error: run task {task!r} has no decoded outputs to score (e2e, webnlg, xsum)")
+        from .metrics.e2e import official_test_references, score_test_procedures
+        raw = None
+        if any(name == "official" for name in names):
+            try:
+                raw, _ = official_test_references(data_dir)
+            except (OSError, ValueError) as exc:
+                raise ScoreRunError(f"{exc} (pass --data-dir, the folder of the official E2E CSVs)") from None
+        try:
+            return score_test_procedures(preds, refs, [r["group"] for r in rows], raw, names)["procedures"]
+        except ValueError as exc:
+            raise ScoreRunError(str(exc)) from None
+    from .metrics.webnlg import get_procedure, webnlg_metrics_by_split
+    seen = [bool(r["seen"]) for r in rows]
+    return {name: webnlg_metrics_by_split(preds, refs, seen, lora_preprocess=get_procedure(name).lora_preprocess)
+            for name in names}
+
+
+def _valid_procedures(task: str) -> tuple[str, ...]:
+    if task == "e2e":
+        from .metrics.e2e import PROCEDURES
+    else:
+        from .metrics.webnlg import PROCEDURES
+    return tuple(PROCEDURES)
+
+
+def _description(task: str, name: str) -> str:
+    if task == "e2e":
+        from .metrics.e2e import LEGACY, LEGACY_DESCRIPTION, PROCEDURES
+        return LEGACY_DESCRIPTION if name == LEGACY else PROCEDURES[name].description
+    from .metrics.webnlg import PROCEDURES
+    return PROCEDURES[name].description
+
+
+def _existing_procedures(task: str, old: dict) -> dict[str, dict]:
+    """The procedures of an existing score record, each with its own provenance."""
+    if "procedures" in old:
+        return dict(old["procedures"])
+    # Written before procedures had names: one set of metrics, provenance at the top level.
+    return {name: {"metrics": metrics, "description": _description(task, name), "git": old.get("git"),
+                   "command": old.get("command"), "scored_at": old.get("scored_at")}
+            for name, metrics in records.scores_by_procedure(task, old.get("metrics", {})).items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,34 +100,81 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("record", type=Path)
     ap.add_argument("--predictions", type=Path, default=None)
     ap.add_argument("--results", type=Path, default=records.PROJECT_ROOT / "results")
+    ap.add_argument("--data-dir", default=None,
+                    help="E2E official procedure: folder with testset_w_refs.csv (default: the run's data_dir)")
+    ap.add_argument("--procedures", default=None,
+                    help="comma-separated procedure names (default: E2E paper,official; WebNLG paper)")
     args = ap.parse_args(argv)
+    try:
+        return _main(args, sys.argv[1:] if argv is None else argv)
+    except ScoreRunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(args, argv: list[str]) -> int:
+    if not args.record.is_file():
+        raise ScoreRunError(f"run record {args.record} not found")
     run = json.loads(args.record.read_text())
+    task = run["task"]
+    if task not in ("e2e", "webnlg", "xsum"):
+        raise ScoreRunError(f"run task {task!r} has no decoded outputs to score (e2e, webnlg, xsum)")
+    names: list[str] = []
+    if task != "xsum":
+        valid = _valid_procedures(task)
+        names = args.procedures.split(",") if args.procedures else list(DEFAULT_PROCEDURES[task])
+        unknown = [n for n in names if n not in valid]
+        if unknown:
+            raise ScoreRunError(f"unknown {task} procedure(s) {unknown}; valid: {', '.join(valid)}")
+    elif args.procedures:
+        raise ScoreRunError("XSum has no named scoring procedures; drop --procedures")
     pred_file = args.predictions or (
         args.results / run["predictions"] if run.get("predictions")
         else Path(run["output_dir"]) / "predictions.jsonl")
     if not pred_file.is_file():
-        print(f"error: predictions {pred_file} not found (pass --predictions)", file=sys.stderr)
-        return 2
+        raise ScoreRunError(f"predictions {pred_file} not found (pass --predictions)")
     data = pred_file.read_bytes()
+    sha256 = hashlib.sha256(data).hexdigest()
     rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
     test = run["data"]["test"]
     expected = test.get("groups_decoded", test.get("rows_used"))   # NLG: distinct inputs; XSum: rows
     if len(rows) != expected:
-        print(f"error: {pred_file} has {len(rows)} predictions, the run decoded {expected}",
-              file=sys.stderr)
-        return 2
-    metrics = score_predictions(run["task"], rows)
-    out = {"kind": "score", "run_id": run["run_id"], "task": run["task"], "model": run["model"],
-           "method": run["method"], "metrics": metrics,
-           "predictions": {"path": str(pred_file), "sha256": hashlib.sha256(data).hexdigest(),
-                           "n": len(rows)},
-           "git": records.git_state(), "machine": records.machine(torch.device("cpu")),
-           "versions": records.versions(), "command": " ".join(["python", "-m",
-                                                                "deltalora_repro.score_run", *sys.argv[1:]]),
-           "scored_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    dst = args.results / "scores" / run["task"] / run["model"] / run["method"] / f"{run['run_id']}.json"
-    records.write_json_atomic(dst, out)
-    print(json.dumps(metrics))
+        raise ScoreRunError(f"{pred_file} has {len(rows)} predictions, the run decoded {expected}")
+
+    dst = args.results / "scores" / task / run["model"] / run["method"] / f"{run['run_id']}.json"
+    old = json.loads(dst.read_text()) if dst.is_file() else None
+    if old is not None and old.get("predictions", {}).get("sha256") != sha256:
+        raise ScoreRunError(f"{dst} scores other predictions (sha256 {old.get('predictions', {}).get('sha256')}, "
+                            f"{pred_file} has {sha256}); move it away to score these")
+    command = " ".join(["python", "-m", "deltalora_repro.score_run", *argv])
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    git = records.git_state()
+    out = {"kind": "score", "run_id": run["run_id"], "task": task, "model": run["model"],
+           "method": run["method"]}
+    if task == "xsum":
+        if old is not None:
+            raise ScoreRunError(f"{dst} exists: this run is scored")
+        out["metrics"] = score_predictions(task, rows)
+    else:
+        procedures = _existing_procedures(task, old) if old is not None else {}
+        # A run scored when it ran (task.score=true) keeps its scores in its own record.
+        in_run = records.scores_by_procedure(task, (run.get("metrics") or {}).get("final") or {})
+        missing = [n for n in names if n not in procedures and n not in in_run]
+        if not missing:
+            print(f"run {run['run_id']} is already scored with procedure(s) {', '.join(names)}", file=sys.stderr)
+            return 0
+        data_dir = args.data_dir or (run.get("config") or {}).get("data_dir")
+        for name, metrics in score_procedures(task, rows, missing, data_dir).items():
+            procedures[name] = {"metrics": metrics, "description": _description(task, name),
+                                "git": git, "command": command, "scored_at": now}
+        # The reported numbers are the paper procedure's when scored, never the legacy ones.
+        primary = next(n for n in ("paper", "official") if n in procedures)
+        out.update({"procedure": primary, "metrics": procedures[primary]["metrics"], "procedures": procedures})
+    out.update({"predictions": {"path": str(pred_file), "sha256": sha256, "n": len(rows)},
+                "git": git, "machine": records.machine(torch.device("cpu")),
+                "versions": records.versions(), "command": command, "scored_at": now})
+    records.write_json_atomic(dst, out, overwrite=old is not None)
+    print(json.dumps({k: out[k] for k in ("procedure", "metrics") if k in out}))
     print(f"score record: {dst}", file=sys.stderr)
     return 0
 

@@ -6,6 +6,12 @@ reads every `results/records/**/*.json` and writes `results/tables/<table>__<mod
 Rendering is pure: records in, text out. A table is data (`TableSpec`): which records belong to
 which row (a matcher on record fields and resolved-config values) and column (a task and a
 metric), and how a record's metric becomes a cell (which metrics dict, which scale).
+
+E2E and WebNLG numbers depend on the scoring procedure (metrics/e2e.py, metrics/webnlg.py): every
+such table is rendered for one procedure per task, named above the table (default: paper, the
+procedure behind the paper's numbers), so a column never mixes procedures; runs scored with
+other procedures only are listed under the table. `--procedure official` renders the same
+tables with the official procedures into `<table>__<model>__official.{md,tex}`.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from deltalora_repro import records as run_records
 from deltalora_repro.errors import DataError
 from deltalora_repro.paper_numbers import GLUE_TASKS, PAPER_TABLES, PaperTable
 
@@ -66,7 +73,8 @@ def scan_records(results_dir: Path) -> LoadedRecords:
 
 def _merge_scores(results_dir: Path, completed: list[Record]) -> None:
     """Scores computed after the run (`python -m deltalora_repro.score_run`) join its final
-    metrics; the run record on disk is never changed."""
+    metrics, each procedure's under its name (`procedures`); the run record on disk is never
+    changed."""
     by_id = {r["run_id"]: r for r in completed}
     for path in sorted((results_dir / "scores").rglob("*.json")):
         score = json.loads(path.read_text(encoding="utf-8"))
@@ -74,7 +82,17 @@ def _merge_scores(results_dir: Path, completed: list[Record]) -> None:
         if run is None:
             continue
         final = run.setdefault("metrics", {}).setdefault("final", {})
+        task = run["task"]
+        procedures = run_records.scores_by_procedure(task, final)
+        if "procedures" in score:
+            later = {name: entry["metrics"] for name, entry in score["procedures"].items()}
+        else:
+            later = run_records.scores_by_procedure(task, score["metrics"])
+        procedures.update(later)
         final.update(score["metrics"])
+        if procedures:
+            final["procedures"] = procedures
+            final["procedure"] = score.get("procedure") or next(iter(later), None)
         run["scored_by"] = {"path": str(path), "commit": score.get("git", {}).get("commit")}
 
 
@@ -342,17 +360,51 @@ def _params_cell(used: Sequence[Record], key: str, paper: str | None) -> str:
     return ours if paper is None else f"{ours} (paper {paper})"
 
 
-def _metric(record: Record, spec: TableSpec, column: Column) -> float | None:
+# The scoring procedure of each NLG task's numbers when none is asked for: the paper's.
+DEFAULT_PROCEDURES: Mapping[str, str] = {"e2e": "paper", "webnlg": "paper"}
+
+
+def _procedure_descriptions() -> dict[str, dict[str, str]]:
+    from deltalora_repro.metrics import e2e, webnlg
+    return {"e2e": {n: p.description for n, p in e2e.PROCEDURES.items()},
+            "webnlg": {n: p.description for n, p in webnlg.PROCEDURES.items()}}
+
+
+def _other_procedures(record: Record, spec: TableSpec, procedures: Mapping[str, str]) -> list[str]:
+    """The procedures a run was scored with when the table's one is not among them (else [])."""
+    procedure = procedures.get(record["task"])
+    if procedure is None:
+        return []
+    scored = run_records.scores_by_procedure(record["task"], record["metrics"].get(spec.split, {}))
+    return [] if procedure in scored else sorted(scored)
+
+
+def _metric(record: Record, spec: TableSpec, column: Column,
+            procedures: Mapping[str, str] = DEFAULT_PROCEDURES) -> float | None:
     """The cell's number, or None when the run did not measure it (e.g. a WebNLG run decoded on
-    a subset with no unseen entries, or a run whose outputs are not scored yet)."""
+    a subset with no unseen entries, a run whose outputs are not scored yet, or one scored with
+    other procedures only). For E2E and WebNLG the number is the table's procedure's, never
+    another procedure's."""
     metrics = record["metrics"]
     name = column.metric or metrics.get("primary")
-    if name not in metrics.get(spec.split, {}):
+    procedure = procedures.get(column.task)
+    if procedure is not None:
+        scored = run_records.scores_by_procedure(record["task"], metrics.get(spec.split, {}))
+        if scored and procedure not in scored:
+            return None   # listed under the table as scored with other procedures only
+        if name in scored.get(procedure, {}):
+            try:
+                return float(scored[procedure][name]) * column.scale
+            except (TypeError, ValueError) as exc:
+                raise RecordError(f"run {record['run_id']} ({record['task']}, {record['method']}): "
+                                  f"procedure {procedure} has no number for {name}") from exc
+    if name not in metrics.get(spec.split, {}) or procedure is not None:
         task_cfg = record.get("config", {}).get("task", {})
         if task_cfg.get("test_max_groups") is not None or task_cfg.get("score") is False:
             return None   # decoded on a subset, or not scored yet: a missing cell, not an error
+        under = f" (procedure {procedure})" if procedure is not None else ""
         raise RecordError(f"run {record['run_id']} ({record['task']}, {record['method']}): no "
-                          f"number for metrics.{spec.split}.{name} needed by Table {spec.number}")
+                          f"number for metrics.{spec.split}.{name}{under} needed by Table {spec.number}")
     try:
         return float(metrics[spec.split][name]) * column.scale
     except (KeyError, TypeError, ValueError) as exc:
@@ -367,6 +419,7 @@ class Grid(NamedTuple):
     rows: list[list[str]]
     used: list[Record]  # every record behind a number, in row order
     superseded: list[Record]  # older runs of the same (row, column, seed), not used
+    other_procedures: list[tuple[Record, list[str]]]  # in a row, but scored with other procedures only
 
 
 def belongs(spec: TableSpec, record: Record) -> bool:
@@ -384,8 +437,10 @@ def _unique(records: Iterable[Record]) -> list[Record]:
     return list(seen.values())
 
 
-def build_grid(spec: TableSpec, records: Sequence[Record], model: str) -> Grid:
-    """Cells of `spec` for the runs of `model`, as strings, with the records behind them."""
+def build_grid(spec: TableSpec, records: Sequence[Record], model: str,
+               procedures: Mapping[str, str] = DEFAULT_PROCEDURES) -> Grid:
+    """Cells of `spec` for the runs of `model`, as strings, with the records behind them; E2E and
+    WebNLG cells hold `procedures[task]`'s numbers."""
     paper = spec.paper
     ours = [r for r in records if r["model"] == model and r["task"] in spec.tasks and belongs(spec, r)]
     has_params = "params" in paper
@@ -394,8 +449,10 @@ def build_grid(spec: TableSpec, records: Sequence[Record], model: str) -> Grid:
     rows: list[list[str]] = []
     used: list[Record] = []
     superseded: list[Record] = []
+    other: list[tuple[Record, list[str]]] = []
     for key, matcher in _row_matchers(spec, ours).items():
         in_row = [r for r in ours if matcher is not None and matches(r, matcher)]
+        other += [(r, names) for r in in_row if (names := _other_procedures(r, spec, procedures))]
         paper_row = paper["rows"].get(key, {})
         cells: list[str] = []
         medians: list[float] = []
@@ -406,7 +463,7 @@ def build_grid(spec: TableSpec, records: Sequence[Record], model: str) -> Grid:
             # A run without this metric (decoded but not scored yet) neither fills the cell nor
             # hides an older run of the same seed that has it.
             scored = (r for r in in_row if r["task"] == column.task
-                      and _metric(r, spec, column) is not None)
+                      and _metric(r, spec, column, procedures) is not None)
             # The table's own study runs (experiment=tableN/...) outrank runs without an
             # experiment config, whatever their age: a study's rows share its training setting,
             # and a later main-table run of the same seed must not replace one of its rows.
@@ -414,7 +471,8 @@ def build_grid(spec: TableSpec, records: Sequence[Record], model: str) -> Grid:
                 if r["seed"] in latest:
                     superseded.append(latest[r["seed"]])
                 latest[r["seed"]] = r
-            values = [v for v in (_metric(r, spec, column) for r in latest.values()) if v is not None]
+            values = [v for v in (_metric(r, spec, column, procedures) for r in latest.values())
+                      if v is not None]
             row_used += latest.values()
             if values:
                 medians.append(statistics.median(values))
@@ -434,7 +492,10 @@ def build_grid(spec: TableSpec, records: Sequence[Record], model: str) -> Grid:
             ]
         rows.append([spec.labels.get(key, LABELS.get(key, key)), *cells])
         used += row_used
-    return Grid(header, rows, _unique(used), _unique(superseded))
+    seen_other: dict[str, tuple[Record, list[str]]] = {}
+    for r, names in other:
+        seen_other.setdefault(r["run_id"], (r, names))
+    return Grid(header, rows, _unique(used), _unique(superseded), list(seen_other.values()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,6 +523,22 @@ def _legend(spec: TableSpec) -> str:
     return text
 
 
+def _procedure_lines(spec: TableSpec, procedures: Mapping[str, str]) -> list[str]:
+    """Which scoring procedure every E2E / WebNLG number of the table comes from."""
+    descriptions = _procedure_descriptions()
+    lines = []
+    for task in sorted(spec.tasks & set(procedures)):
+        name = procedures[task]
+        line = f"Scoring procedure of every {_TASK_NAMES[task]} number: `{name}`, {descriptions[task][name]}."
+        if name != "paper":
+            line += " The paper's numbers in parentheses come from its own procedure (`paper`)."
+        lines.append(line)
+    return lines
+
+
+_TASK_NAMES = {"e2e": "E2E", "webnlg": "WebNLG"}
+
+
 def _model_line(spec: TableSpec, model: str) -> str:
     paper_model = spec.paper["model"]
     if model == paper_model:
@@ -487,11 +564,15 @@ def _provenance(record: Record) -> list[str]:
 
 
 def render_table(
-    spec: TableSpec, records: Sequence[Record], model: str, skipped: Sequence[Record] = ()
+    spec: TableSpec, records: Sequence[Record], model: str, skipped: Sequence[Record] = (),
+    procedures: Mapping[str, str] = DEFAULT_PROCEDURES,
 ) -> str:
     """Markdown for one table and one model, with the records behind every number."""
-    grid = build_grid(spec, records, model)
+    grid = build_grid(spec, records, model, procedures)
     lines = [f"## Table {spec.number}: {spec.paper['caption']}", "", _model_line(spec, model), ""]
+    procedure_lines = _procedure_lines(spec, procedures)
+    if procedure_lines:
+        lines += [*procedure_lines, ""]
     lines += _md_table(grid.header, grid.rows)
     lines += ["", _legend(spec)]
     not_done = [r for r in skipped if r.get("model") == model and r.get("task") in spec.tasks
@@ -503,6 +584,10 @@ def render_table(
         ids = ", ".join(f"`{r['run_id']}`" for r in grid.superseded)
         lines += ["", f"Superseded by a later run of the same seed (or by this table's own study "
                       f"run of it): {ids}."]
+    if grid.other_procedures:
+        ids = ", ".join(f"`{r['run_id']}` ({', '.join(names)})" for r, names in grid.other_procedures)
+        lines += ["", f"Scored with other procedures only, not shown (`python -m "
+                      f"deltalora_repro.score_run RECORD` adds this one): {ids}."]
     lines += ["", "Records used:", ""]
     if grid.used:
         header = ["run_id", "task", "method", "seed", "training", "commit", "machine"]
@@ -527,12 +612,14 @@ def _tex(text: str) -> str:
     return re.sub("|".join(map(re.escape, _TEX_ESCAPES)), lambda m: _TEX_ESCAPES[m.group()], text)
 
 
-def render_table_latex(spec: TableSpec, records: Sequence[Record], model: str) -> str:
+def render_table_latex(spec: TableSpec, records: Sequence[Record], model: str,
+                       procedures: Mapping[str, str] = DEFAULT_PROCEDURES) -> str:
     """The same cells as `render_table`, as a LaTeX tabular."""
-    grid = build_grid(spec, records, model)
+    grid = build_grid(spec, records, model, procedures)
     lines = [
         f"% Table {spec.number}: {_tex(spec.paper['caption'])}",
         f"% {_tex(_model_line(spec, model))} Generated by deltalora_repro.tables; do not edit.",
+        *(f"% {_tex(line)}" for line in _procedure_lines(spec, procedures)),
         f"% {_tex(_legend(spec))}",
         r"\begin{tabular}{l" + "c" * (len(grid.header) - 1) + "}",
         r"\hline",
@@ -552,20 +639,32 @@ def _models(spec: TableSpec, records: Sequence[Record]) -> list[str]:
     return [spec.paper["model"], *sorted(ran - {spec.paper["model"]})]
 
 
-def _file_stem(spec: TableSpec, model: str) -> str:
-    return f"{spec.slug}__{re.sub(r'[^A-Za-z0-9._-]+', '_', model)}"
+def _file_stem(spec: TableSpec, model: str, procedure: str | None = None) -> str:
+    stem = f"{spec.slug}__{re.sub(r'[^A-Za-z0-9._-]+', '_', model)}"
+    return stem if procedure is None else f"{stem}__{procedure}"
 
 
-def render_all(results_dir: Path, latex: bool = True) -> dict[str, str]:
-    """{file name: text} for every table and model: `.md`, and `.tex` when `latex`."""
+PROCEDURE_CHOICES = ("paper", "official")
+
+
+def render_all(results_dir: Path, latex: bool = True, procedure: str = "paper") -> dict[str, str]:
+    """{file name: text} for every table and model: `.md`, and `.tex` when `latex`. With
+    procedure="paper" (the default) every table; otherwise only the E2E and WebNLG tables, with
+    that procedure's numbers, in files named `..__<procedure>`."""
+    if procedure not in PROCEDURE_CHOICES:
+        raise ValueError(f"unknown scoring procedure {procedure!r}; valid: {', '.join(PROCEDURE_CHOICES)}")
+    procedures = {task: procedure for task in DEFAULT_PROCEDURES}
+    suffix = None if procedure == "paper" else procedure
     loaded = scan_records(results_dir)
     files: dict[str, str] = {}
     for spec in TABLE_SPECS:
+        if suffix is not None and not spec.tasks & set(procedures):
+            continue
         for model in _models(spec, loaded.completed):
-            stem = _file_stem(spec, model)
-            files[f"{stem}.md"] = render_table(spec, loaded.completed, model, loaded.skipped)
+            stem = _file_stem(spec, model, suffix)
+            files[f"{stem}.md"] = render_table(spec, loaded.completed, model, loaded.skipped, procedures)
             if latex:
-                files[f"{stem}.tex"] = render_table_latex(spec, loaded.completed, model)
+                files[f"{stem}.tex"] = render_table_latex(spec, loaded.completed, model, procedures)
     return files
 
 
@@ -574,18 +673,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--results", type=Path, default=Path("results"), help="folder with records/; tables/ is written there"
     )
+    parser.add_argument(
+        "--procedure", choices=PROCEDURE_CHOICES, default="paper",
+        help="scoring procedure of the E2E and WebNLG numbers (default: paper, the paper's own); "
+             "official writes the E2E/WebNLG tables to <table>__<model>__official.{md,tex}",
+    )
     args = parser.parse_args(argv)
     out_dir = args.results / "tables"
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = render_all(args.results)
-    # Generated files only: drop tables of models that no longer have records, so none go stale.
+    files = render_all(args.results, procedure=args.procedure)
+    # Generated files only: drop tables of models that no longer have records, so none go stale
+    # (only among the files of this procedure: the default tables and the `__official` ones are
+    # rendered by separate calls).
+    official = "__official."
     for old in out_dir.glob("table[0-9]_*__*"):
-        if old.suffix in {".md", ".tex"} and old.name not in files:
+        same_kind = (official in old.name) == (args.procedure == "official")
+        if same_kind and old.suffix in {".md", ".tex"} and old.name not in files:
             old.unlink()
     for name, text in files.items():
         (out_dir / name).write_text(text, encoding="utf-8")
         if name.endswith(".md"):
             print(text)
+    if args.procedure != "paper":
+        print(f"wrote {len(files)} files to {out_dir}")
+        return
     from .figure3 import render_all as render_figures
     figures = render_figures(args.results)
     (args.results / "README.md").write_text(render_index(args.results), encoding="utf-8")

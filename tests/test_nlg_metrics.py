@@ -27,7 +27,7 @@ import pytest
 import sacrebleu
 
 from deltalora_repro.metrics import java
-from deltalora_repro.metrics.e2e import e2e_metrics, mteval_bleu_nist, mteval_tokenize
+from deltalora_repro.metrics.e2e import e2e_metrics, mteval_bleu_nist, mteval_tokenize, score_procedure
 from deltalora_repro.metrics.webnlg import (
     generation_eval_ter,
     lora_postprocess,
@@ -104,7 +104,7 @@ def jar_results():
     web_preds, web_refs, _ = _webnlg_sample(6)
     identity = ["the cat sat on the mat", "a dog barks at the postman"]
     return java.run_parallel({
-        "e2e": (e2e_metrics, e2e_preds, e2e_refs),
+        "e2e": (score_procedure, "official", e2e_preds, e2e_refs),  # official: the Perl mteval
         "webnlg": (webnlg_metrics, web_preds, web_refs),
         # Identity, plus an empty last hypothesis (LoRA issue #138: an empty last line must be
         # neither lost, which METEOR reports as "test and reference not same length", nor shifted).
@@ -151,7 +151,7 @@ def test_e2e_bleu_by_hand() -> None:
 def test_e2e_bleu_equals_sacrebleu_13a_lowercased() -> None:
     # sacrebleu's 13a tokenizer and 'exp' smoothing are mteval-v13a's; -c is not passed by
     # e2e-metrics, so lowercase=True. sacrebleu's score is in percent.
-    ours, _ = mteval_bleu_nist(["The cat sat on the mat"], [REFS])
+    ours, _ = mteval_bleu_nist(["The cat sat on the mat"], [REFS], "perl")
     ref = sacrebleu.corpus_bleu(["The cat sat on the mat"], [[REFS[0]], [REFS[1]]], lowercase=True)
     assert ours * 100 == pytest.approx(ref.score, rel=1e-12)
 
@@ -160,7 +160,7 @@ def test_e2e_bleu_order_without_ngrams_counts_as_one_and_brevity() -> None:
     # Segments ("a b" vs "a b c d") and ("x y" vs "x y", "x y z w"): 4/4 unigrams and 2/2 bigrams
     # match; no hypothesis has 3- or 4-grams, and mteval then takes log p_n = 0 (p_n = 1).
     # Closest reference lengths 4 and 2: r = 6, c = 4, BP = exp(1 - 6/4) = exp(-0.5).
-    bleu, _ = mteval_bleu_nist(["a b", "x y"], [["a b c d"], ["x y", "x y z w"]])
+    bleu, _ = mteval_bleu_nist(["a b", "x y"], [["a b c d"], ["x y", "x y z w"]], "perl")
     assert bleu == pytest.approx(math.exp(-0.5), rel=1e-12)
 
 
@@ -197,16 +197,16 @@ def test_nist_length_penalty_perl_vs_python() -> None:
 def test_e2e_identity() -> None:
     # Prediction = its only reference: every n-gram matches, BP = 1.
     preds = ["the cat sat on the mat .", "a dog barks at the postman every morning ."]
-    bleu, nist = mteval_bleu_nist(preds, [[p] for p in preds])
+    bleu, nist = mteval_bleu_nist(preds, [[p] for p in preds], "perl")
     assert bleu == pytest.approx(1.0)
     assert nist > 0
 
 
 def test_e2e_input_checks() -> None:
     with pytest.raises(ValueError, match="2 predictions but 1 reference groups"):
-        mteval_bleu_nist(["a", "b"], [["a"]])
+        mteval_bleu_nist(["a", "b"], [["a"]], "perl")
     with pytest.raises(ValueError, match="empty"):
-        mteval_bleu_nist(["a"], [[]])
+        mteval_bleu_nist(["a"], [[]], "perl")
     with pytest.raises(ValueError, match="unknown mteval variant 'xx'"):
         mteval_bleu_nist(["a"], [["a"]], "xx")
 
@@ -447,7 +447,7 @@ def test_meteor_identity_is_one_in_both_modes() -> None:
 def test_e2e_full_test_set_matches_official_tools() -> None:
     preds, refs = _e2e_sample(None, short=True)
     assert len(preds) == 630
-    scores = e2e_metrics(preds, refs)
+    scores = e2e_metrics(preds, refs, mteval="perl")
     assert scores["bleu"] == pytest.approx(E2E_ALL_SHORT_OFFICIAL["bleu"], abs=1e-9)
     assert scores["nist"] == pytest.approx(E2E_ALL_SHORT_OFFICIAL["nist"], abs=1e-8)
     for key in ("meteor", "rouge_l", "cider"):

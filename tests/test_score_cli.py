@@ -30,11 +30,11 @@ def stub_metrics(monkeypatch):
     """Replace the metric functions; each returns counts describing its inputs."""
     calls = {}
 
-    def e2e_stub(predictions, references, *, mteval="perl"):
+    def e2e_stub(predictions, references, *, mteval):
         calls["e2e"] = (predictions, references, mteval)
-        return {"bleu": 0.5, "n": len(predictions)}
+        return {"bleu": 0.5}
 
-    def webnlg_stub(predictions, references, seen, *, lora_preprocess=True):
+    def webnlg_stub(predictions, references, seen, *, lora_preprocess):
         calls["webnlg"] = (predictions, references, seen, lora_preprocess)
         return {"bleu_all": 0.5, "n_seen": sum(seen) if seen is not None else -1}
 
@@ -57,10 +57,72 @@ def write(tmp_path: Path, name: str, text: str) -> str:
 
 def test_explicit_reference_blocks(tmp_path, capsys, stub_metrics) -> None:
     preds = write(tmp_path, "p.txt", "pred one\npred two\n")
-    refs = write(tmp_path, "r.txt", "ref 1a\nref 1b\n\nref 2a\n\n\n")
-    code, out, _ = run(capsys, "task=e2e", f"predictions={preds}", f"references={refs}", "mteval=python")
-    assert code == 0 and out == {"bleu": 0.5, "n": 2}
+    refs = write(tmp_path, "r.txt", "ref 1a\nref 1b\n\nref 2a\n\n")
+    code, out, _ = run(capsys, "task=e2e", f"predictions={preds}", f"references={refs}", "procedure=paper")
+    assert code == 0
+    assert (out["procedure"], out["bleu"], out["n"], out["n_empty"]) == ("paper", 0.5, 2, 0)
+    assert "blank-line-separated blocks" in out["references"] and "measure_scores.py -p" in out["description"]
     assert stub_metrics["e2e"] == (["pred one", "pred two"], [["ref 1a", "ref 1b"], ["ref 2a"]], "python")
+
+
+def test_procedure_picks_the_mteval_flavour_paper_by_default(tmp_path, capsys, stub_metrics) -> None:
+    """paper (the default) is measure_scores.py -p, the Python mteval; official the Perl one.
+    (The command used to default to the Perl flavour whatever the references.)"""
+    preds = write(tmp_path, "p.txt", "pred one\npred two\n")
+    refs = write(tmp_path, "r.txt", "ref 1a\nref 1b\n\nref 2a\n")
+    code, out, _ = run(capsys, "task=e2e", f"predictions={preds}", f"references={refs}")
+    assert code == 0 and out["procedure"] == "paper" and stub_metrics["e2e"][2] == "python"
+    code, out, _ = run(capsys, "task=e2e", f"predictions={preds}", f"references={refs}", "procedure=official")
+    assert code == 0 and out["procedure"] == "official" and stub_metrics["e2e"][2] == "perl"
+
+
+def test_bad_procedure_and_retired_keys(tmp_path, capsys, stub_metrics) -> None:
+    code, _, err = run(capsys, "task=e2e", "predictions=x", "procedure=lora")
+    assert code == 2 and "unknown procedure 'lora'" in err and "paper, official" in err
+    code, _, err = run(capsys, "task=e2e", "predictions=x", "mteval=perl")
+    assert code == 2 and "procedure=" in err and "Perl" in err
+    code, _, err = run(capsys, "task=webnlg", "predictions=x", "lora_preprocess=false")
+    assert code == 2 and "procedure=" in err
+    assert not stub_metrics
+
+
+def test_single_reference_file_without_blank_lines(tmp_path, capsys, stub_metrics) -> None:
+    # measure_scores.py reads a file without blank lines as one reference per input.
+    preds = write(tmp_path, "p.txt", "a\nb\n")
+    refs = write(tmp_path, "r.txt", "ref a\nref b\n")
+    code, out, _ = run(capsys, "task=e2e", f"predictions={preds}", f"references={refs}")
+    assert code == 0 and stub_metrics["e2e"][1] == [["ref a"], ["ref b"]]
+
+
+def test_two_blank_lines_are_an_input_without_references(tmp_path, capsys, stub_metrics) -> None:
+    preds = write(tmp_path, "p.txt", "a\nb\n")
+    refs = write(tmp_path, "r.txt", "ref a\n\n\nref b\n")
+    code, _, err = run(capsys, "task=e2e", f"predictions={preds}", f"references={refs}")
+    assert code == 2 and "line 3 is blank after a blank line" in err and "CSV" in err
+    assert "e2e" not in stub_metrics
+
+
+def test_reference_csv_is_grouped_by_consecutive_mr(tmp_path, capsys, stub_metrics) -> None:
+    # The official file's layout: a quoted "mr","ref" header, one row per reference.
+    preds = write(tmp_path, "p.txt", "pred one\npred two\n")
+    refs = write(tmp_path, "refs.csv", '"mr","ref"\n"name[A], food[Thai]","A serves Thai food."\n'
+                 '"name[A], food[Thai]","Thai food, at A."\n"name[B]","B it is."\n')
+    code, out, _ = run(capsys, "task=e2e", f"predictions={preds}", f"references={refs}", "procedure=official")
+    assert code == 0 and "table of 3 MR, reference rows" in out["references"]
+    assert stub_metrics["e2e"] == (["pred one", "pred two"],
+                                   [["A serves Thai food.", "Thai food, at A."], ["B it is."]], "perl")
+    # Detected by its header too, whatever the file name; a TSV works the same way.
+    tsv = write(tmp_path, "refs.txt", "src\ttrg\nname[A]\tA one.\nname[B]\tB one.\n")
+    code, out, _ = run(capsys, "task=e2e", f"predictions={preds}", f"references={tsv}")
+    assert code == 0 and stub_metrics["e2e"][1] == [["A one."], ["B one."]]
+
+
+def test_reference_csv_without_known_columns_is_refused(tmp_path, capsys, stub_metrics) -> None:
+    preds = write(tmp_path, "p.txt", "pred one\n")
+    refs = write(tmp_path, "refs.csv", "input,text\nname[A],A one.\n")
+    code, _, err = run(capsys, "task=e2e", f"predictions={preds}", f"references={refs}")
+    assert code == 2 and "exactly one MR column" in err and "['input', 'text']" in err
+    assert "e2e" not in stub_metrics
 
 
 def test_unknown_task_lists_valid_ones(capsys) -> None:
@@ -97,11 +159,21 @@ def test_count_mismatch_names_both_counts(tmp_path, capsys, stub_metrics) -> Non
     assert "e2e" not in stub_metrics
 
 
-def test_empty_prediction_line_is_named(tmp_path, capsys) -> None:
-    preds = write(tmp_path, "p.txt", "one\n\nthree\n")
-    refs = write(tmp_path, "r.txt", "a\n\nb\n\nc\n")
-    code, _, err = run(capsys, "task=e2e", f"predictions={preds}", f"references={refs}")
-    assert code == 2 and "line 2 is empty" in err
+def test_empty_prediction_lines_are_scored_and_counted(tmp_path, capsys, stub_metrics) -> None:
+    """An empty line is an empty output, as e2e-metrics and GenerationEval read it (the command
+    used to refuse it); a last line break adds no prediction, a blank last line does."""
+    preds = write(tmp_path, "p.txt", "one\n\nthree\n  \n")
+    refs = write(tmp_path, "r.txt", "a\n\nb\n\nc\n\nd\n")
+    code, out, _ = run(capsys, "task=e2e", f"predictions={preds}", f"references={refs}")
+    assert code == 0 and (out["n"], out["n_empty"]) == (4, 2)
+    assert stub_metrics["e2e"][0] == ["one", "", "three", ""]
+    code, out, _ = run(capsys, "task=webnlg", f"predictions={preds}", f"references={refs}")
+    assert code == 0 and (out["n"], out["n_empty"]) == (4, 2)
+    assert stub_metrics["webnlg"][0] == ["one", "", "three", "  "]
+    # A wrong number of lines is still an error.
+    short = write(tmp_path, "q.txt", "one\n\n")
+    code, _, err = run(capsys, "task=e2e", f"predictions={short}", f"references={refs}")
+    assert code == 2 and "2 predictions" in err and "4 reference groups" in err
 
 
 def test_missing_java_is_a_clean_error(tmp_path, capsys, monkeypatch) -> None:
@@ -118,9 +190,24 @@ def test_e2e_default_references_and_csv_predictions(tmp_path, capsys, stub_metri
     data_dir = str(DATA / "e2e")
     lines = write(tmp_path, "p.txt", "".join(f"prediction {i}\n" for i in range(630)))
     code, out, _ = run(capsys, "task=e2e", f"predictions={lines}", f"data_dir={data_dir}")
-    assert code == 0 and out["n"] == 630
-    _, refs, _ = stub_metrics["e2e"]
-    assert len(refs) == 630 and sum(map(len, refs)) == 4693
+    assert code == 0 and out["n"] == 630 and out["procedure"] == "paper"
+    _, refs, mteval = stub_metrics["e2e"]
+    assert len(refs) == 630 and sum(map(len, refs)) == 4693 and mteval == "python"
+    # paper: the tokenised test file's references, stripped (lora_format/test.txt, lines 1-2).
+    assert refs[0] == ["A coffee shop in the city centre area called Blue Spice .",
+                       "Blue Spice is a coffee shop in city centre ."]
+    code, out, _ = run(capsys, "task=e2e", f"predictions={lines}", f"data_dir={data_dir}", "procedure=official")
+    assert code == 0 and out["procedure"] == "official" and "testset_w_refs.csv" in out["references"]
+    _, refs, mteval = stub_metrics["e2e"]
+    assert len(refs) == 630 and sum(map(len, refs)) == 4693 and mteval == "perl"
+    # official: testset_w_refs.csv's raw references (its lines 2-3), in the same input order.
+    assert refs[0] == ["A coffee shop in the city centre area called Blue Spice.",
+                       "Blue Spice is a coffee shop in city centre."]
+
+    # The official file itself as references= (e2e-metrics reads it as it is).
+    code, out, _ = run(capsys, "task=e2e", f"predictions={lines}",
+                       f"references={DATA / 'e2e' / 'testset_w_refs.csv'}", "procedure=official")
+    assert code == 0 and stub_metrics["e2e"][1] == refs
 
     # CSV rows in any order, keyed by the raw MR: put back in test order.
     from deltalora_repro.tasks.e2e_data import group_references, load_e2e
@@ -146,12 +233,14 @@ def test_e2e_default_references_and_csv_predictions(tmp_path, capsys, stub_metri
 def test_webnlg_default_references_carry_seen_flags(tmp_path, capsys, stub_metrics) -> None:
     preds = write(tmp_path, "p.txt", "".join(f"prediction {i}\n" for i in range(1862)))
     code, out, _ = run(capsys, "task=webnlg", f"predictions={preds}", f"data_dir={DATA / 'webnlg2017'}")
-    assert code == 0 and out == {"bleu_all": 0.5, "n_seen": 971}
+    assert code == 0 and (out["bleu_all"], out["n_seen"], out["procedure"]) == (0.5, 971, "paper")
     refs = write(tmp_path, "r.txt", "a\n\nb\n")
     two = write(tmp_path, "two.txt", "x\ny\n")
-    code, out, _ = run(capsys, "task=webnlg", f"predictions={two}", f"references={refs}", "lora_preprocess=false")
+    code, out, _ = run(capsys, "task=webnlg", f"predictions={two}", f"references={refs}", "procedure=official")
     assert code == 0 and out["n_seen"] == -1  # no categories without the test set
-    assert stub_metrics["webnlg"][3] is False
+    assert stub_metrics["webnlg"][3] is False and out["procedure"] == "official"
+    code, out, _ = run(capsys, "task=webnlg", f"predictions={two}", f"references={refs}")
+    assert code == 0 and stub_metrics["webnlg"][3] is True and out["procedure"] == "paper"
 
 
 @pytest.mark.slow
@@ -170,7 +259,9 @@ def test_real_command_end_to_end(tmp_path) -> None:
                            f"references={refs}"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert set(out) == {"bleu", "nist", "meteor", "rouge_l", "cider"}
+    assert set(out) == {"bleu", "nist", "meteor", "rouge_l", "cider", "task", "procedure", "description",
+                        "references", "n", "n_empty"}
+    assert (out["procedure"], out["n"], out["n_empty"]) == ("paper", 2, 0)
     assert 0 < out["bleu"] < 1 and 0 < out["meteor"] < 1
 
 

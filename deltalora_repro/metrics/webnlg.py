@@ -26,6 +26,11 @@ and no NLTKWordTokenizer rule looks across a sentence boundary, so punkt is skip
 (tested in tests/test_nlg_metrics.py). Raw text (lora_preprocess=False) needs punkt
 (`nltk.download("punkt_tab")`) and fails with a clear message without it.
 
+Two procedures, named as for E2E (PROCEDURES): "paper" runs step 1 before step 2 (the LoRA
+README's pipeline, which the paper follows); "official" is GenerationEval on the plain texts
+(lora_preprocess=False). An empty prediction is scored as an empty hypothesis, as GenerationEval
+scores an empty line.
+
 Not reproduced, on purpose: (a) with the LoRA decode files ending in a newline GenerationEval
 scores one extra empty entry (TER 1 for it) and METEOR fails (-1, issue #138); (b) if those files
 end without a newline, multi-bleu-detok.perl's `chop` removes the last character of the last line.
@@ -37,6 +42,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -45,6 +51,31 @@ from deltalora_repro.metrics.e2e import (_clipped_matches, _closest_ref_length, 
                                          mteval_normalize)
 
 NUM_REFS = 6  # the LoRA README runs gpt2_decode.py --ref_num 6 and eval.py -nr 6
+
+
+@dataclass(frozen=True)
+class Procedure:
+    name: str
+    lora_preprocess: bool
+    description: str
+
+
+PROCEDURES: dict[str, Procedure] = {
+    "paper": Procedure("paper", True,
+                       "the LoRA repository's: its decode step (lowercase, split on non-word "
+                       "characters, references padded to 6 with the first), then GenerationEval "
+                       "-nr 6 (BLEU multi-bleu-detok, METEOR 1.5, TER pyter)"),
+    "official": Procedure("official", False,
+                          "GenerationEval -nr 6 on the plain texts (references padded with empty "
+                          "ones; nltk's punkt tokenizer needed)"),
+}
+DEFAULT_PROCEDURE = "paper"
+
+
+def get_procedure(name: str) -> Procedure:
+    if name not in PROCEDURES:
+        raise ValueError(f"unknown WebNLG scoring procedure {name!r}; valid: {', '.join(PROCEDURES)}")
+    return PROCEDURES[name]
 
 # ------------------------------------------------------------------------------------------------
 # Step 1: the LoRA repository's decode post-processing

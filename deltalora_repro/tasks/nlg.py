@@ -206,7 +206,7 @@ class NLGTask(Task):
                                         "seen": ex.seen}) + "\n")
         if not self.cfg.get("score", True):
             # Decoded on a machine without Java (METEOR, PTB tokenizer): score later from the
-            # kept predictions with `python -m deltalora_repro.score record=...`.
+            # kept predictions with `python -m deltalora_repro.score_run RECORD`.
             return {}
         return self.score(predictions)
 
@@ -216,9 +216,28 @@ class E2ETask(NLGTask):
         from .e2e_data import load_e2e
         return load_e2e(split, self.data_dir)
 
+    def load(self) -> None:
+        super().load()
+        self.raw_test_references = None
+        if self.cfg.get("score", True):
+            # The official procedure's raw references, read now so that a missing file stops the
+            # run before training rather than after decoding.
+            from ..errors import DataError
+            from ..metrics.e2e import official_test_references
+            try:
+                self.raw_test_references, _ = official_test_references(self.data_dir)
+            except (OSError, ValueError) as exc:
+                raise DataError(f"{exc} (or run with task.score=false and score later with "
+                                f"python -m deltalora_repro.score_run)") from None
+
     def score(self, predictions):
-        from ..metrics.e2e import e2e_metrics
-        return e2e_metrics(predictions, [refs for _, refs in self.test_groups])
+        """Both procedures (metrics/e2e.py): the paper's on the tokenised test references, the
+        challenge's on the raw ones of testset_w_refs.csv; the paper's are the run's reported
+        numbers (the flat keys), each procedure's under `procedures`."""
+        from ..metrics.e2e import score_test_procedures
+        return score_test_procedures(predictions, [refs for _, refs in self.test_groups],
+                                     [example.group for example, _ in self.test_groups],
+                                     self.raw_test_references)
 
 
 class WebNLGTask(NLGTask):
@@ -227,5 +246,11 @@ class WebNLGTask(NLGTask):
         return load_webnlg(split, self.data_dir)
 
     def score(self, predictions):
-        from ..metrics.webnlg import webnlg_scores
-        return webnlg_scores(predictions, self.test_groups)
+        """The paper procedure (the LoRA decode step before GenerationEval). The official one
+        needs nltk's punkt data, rarely present where models are trained: `score_run
+        --procedures official` adds it."""
+        from ..metrics.webnlg import DEFAULT_PROCEDURE, get_procedure, webnlg_scores
+        metrics = webnlg_scores(predictions, self.test_groups,
+                                lora_preprocess=get_procedure(DEFAULT_PROCEDURE).lora_preprocess)
+        return {**metrics, "procedure": DEFAULT_PROCEDURE, "procedures": {DEFAULT_PROCEDURE: dict(metrics)}}
+
