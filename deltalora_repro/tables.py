@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import math
 import re
 import statistics
@@ -47,28 +48,34 @@ class RecordError(DataError):
 class LoadedRecords(NamedTuple):
     completed: list[Record]
     skipped: list[Record]  # status != "completed" (failed, running, ...): counted, never tabulated
+    unreadable: list[str] = []  # "path: why" of files that are no usable run record
 
 
 def scan_records(results_dir: Path) -> LoadedRecords:
     """Read every `*.json` under `results_dir/records/`, split into completed and the rest."""
     completed: list[Record] = []
     skipped: list[Record] = []
+    unreadable: list[str] = []
+    # One broken file must not take every table down: it is set aside and named.
     for path in sorted((Path(results_dir) / "records").rglob("*.json")):
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RecordError(f"malformed run record {path}: {exc}") from exc
+            unreadable.append(f"{path}: malformed run record ({exc})")
+            continue
         if not isinstance(record, dict) or "status" not in record:
-            raise RecordError(f"malformed run record {path}: not an object with a 'status' key")
+            unreadable.append(f"{path}: malformed run record (not an object with a 'status' key)")
+            continue
         if record["status"] != "completed":
             skipped.append(record)
             continue
         missing = [key for key in _REQUIRED_KEYS if key not in record]
         if missing:
-            raise RecordError(f"malformed run record {path}: missing keys {missing}")
+            unreadable.append(f"{path}: malformed run record (missing keys {missing})")
+            continue
         completed.append(record)
     _merge_scores(Path(results_dir), completed)
-    return LoadedRecords(completed, skipped)
+    return LoadedRecords(completed, skipped, unreadable)
 
 
 def _merge_scores(results_dir: Path, completed: list[Record]) -> None:
@@ -420,6 +427,38 @@ class Grid(NamedTuple):
     used: list[Record]  # every record behind a number, in row order
     superseded: list[Record]  # older runs of the same (row, column, seed), not used
     other_procedures: list[tuple[Record, list[str]]]  # in a row, but scored with other procedures only
+    trials: list[tuple[Record, list[str]]] = []  # runs of this table outside the paper's protocol
+
+
+# A run outside the paper's protocol never fills a cell: shortened (max_steps), on a subset of a
+# split, on a split carved from one file, with the optimisation length or batch changed from the
+# task's paper values, or with a warning that it is not what its method promises (Delta-LoRA whose
+# W never moved). Such runs are listed under the table instead.
+_SUBSETS = ("train_max_examples", "eval_max_examples", "test_max_groups", "test_max_examples",
+            "local_file")
+
+
+def trial_reasons(record: Record) -> list[str]:
+    """Why a run is a trial rather than the paper's protocol (empty: it follows the protocol)."""
+    cfg = record.get("config") or {}
+    train, task = cfg.get("train") or {}, cfg.get("task") or {}
+    hparams = task.get("hparams") or {}
+    reasons = []
+    if train.get("max_steps") is not None:
+        reasons.append(f"train.max_steps={train['max_steps']}")
+    reasons += [f"task.{k}={task[k]}" for k in _SUBSETS if task.get(k) is not None]
+    for key in ("epochs", "batch_size"):
+        if key in hparams and key in train and train[key] != hparams[key]:
+            reasons.append(f"train.{key}={train[key]} (paper: {hparams[key]})")
+    if record.get("warnings"):
+        reasons.append("warned: " + "; ".join(record["warnings"]))
+    return reasons
+
+
+def _finite_metrics(record: Record) -> bool:
+    values = [v for v in ((record.get("metrics") or {}).get("final") or {}).values()
+              if isinstance(v, float)]
+    return all(v == v and abs(v) != float("inf") for v in values)
 
 
 def belongs(spec: TableSpec, record: Record) -> bool:
@@ -442,7 +481,12 @@ def build_grid(spec: TableSpec, records: Sequence[Record], model: str,
     """Cells of `spec` for the runs of `model`, as strings, with the records behind them; E2E and
     WebNLG cells hold `procedures[task]`'s numbers."""
     paper = spec.paper
-    ours = [r for r in records if r["model"] == model and r["task"] in spec.tasks and belongs(spec, r)]
+    candidates = [r for r in records if r["model"] == model and r["task"] in spec.tasks
+                  and belongs(spec, r)]
+    trials = [(r, trial_reasons(r) or ["non-finite metrics"]) for r in candidates
+              if trial_reasons(r) or not _finite_metrics(r)]
+    trial_ids = {r["run_id"] for r, _ in trials}
+    ours = [r for r in candidates if r["run_id"] not in trial_ids]
     has_params = "params" in paper
     header = ["Method", *(["Trainable", "Extra updated"] if has_params else [])]
     header += [c.label for c in spec.columns] + (["AVG"] if spec.average else [])
@@ -495,7 +539,7 @@ def build_grid(spec: TableSpec, records: Sequence[Record], model: str,
     seen_other: dict[str, tuple[Record, list[str]]] = {}
     for r, names in other:
         seen_other.setdefault(r["run_id"], (r, names))
-    return Grid(header, rows, _unique(used), _unique(superseded), list(seen_other.values()))
+    return Grid(header, rows, _unique(used), _unique(superseded), list(seen_other.values()), trials)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -584,6 +628,9 @@ def render_table(
         ids = ", ".join(f"`{r['run_id']}`" for r in grid.superseded)
         lines += ["", f"Superseded by a later run of the same seed (or by this table's own study "
                       f"run of it): {ids}."]
+    if grid.trials:
+        ids = "; ".join(f"`{r['run_id']}` ({', '.join(why)})" for r, why in grid.trials)
+        lines += ["", f"Trial runs, outside the paper's protocol, in no cell: {ids}."]
     if grid.other_procedures:
         ids = ", ".join(f"`{r['run_id']}` ({', '.join(names)})" for r, names in grid.other_procedures)
         lines += ["", f"Scored with other procedures only, not shown (`python -m "
@@ -679,6 +726,12 @@ def main(argv: Sequence[str] | None = None) -> None:
              "official writes the E2E/WebNLG tables to <table>__<model>__official.{md,tex}",
     )
     args = parser.parse_args(argv)
+    if not (args.results / "records").is_dir():
+        print(f"error: no run records under {args.results / 'records'} (--results names the folder "
+              "holding records/, e.g. results or outputs/results)", file=sys.stderr)
+        raise SystemExit(2)
+    for problem in scan_records(args.results).unreadable:
+        print(f"warning: skipped {problem}", file=sys.stderr)
     out_dir = args.results / "tables"
     out_dir.mkdir(parents=True, exist_ok=True)
     files = render_all(args.results, procedure=args.procedure)
