@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,3 +184,48 @@ def test_cli_multirun_failed_job_leaves_the_others(tmp_path):
     assert "not every job of the sweep completed" in out.stderr
     recs = [json.loads(p.read_text()) for p in tmp_path.rglob("records/**/*.json")]
     assert [r["config"]["method"]["rank"] for r in recs] == [4] and recs[0]["status"] == "completed"
+
+
+def _tiny_cli_args():
+    return ["model=tiny-roberta", f"data_dir={GLUE}", "task.train_max_examples=16",
+            "task.eval_max_examples=16", "task.max_length=32", "train.epochs=1",
+            "train.batch_size=8", "save_weights=false", "train.checkpoint=false"]
+
+
+def test_a_trial_run_leaves_the_committed_results_untouched():
+    """Without results_dir a run's record goes to the ignored outputs/results, never to the
+    committed results/ (whose tables a test keeps equal to the rendering of its records)."""
+    def status():
+        return subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "results"],
+                              capture_output=True, text=True).stdout
+    before = status()
+    out = cli(*_tiny_cli_args())
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert status() == before
+    record_file = next(line.rsplit("record: ", 1)[1] for line in out.stdout.splitlines() + out.stderr.splitlines()
+                       if "record: " in line)
+    assert Path(record_file).parts[:2] == ("outputs", "results")
+    record = json.loads((ROOT / record_file).read_text())
+    (ROOT / record_file).unlink()
+    import shutil
+    shutil.rmtree(ROOT / record["output_dir"])
+
+
+def test_two_runs_started_together_keep_separate_folders(tmp_path):
+    """Two runs started in the same second (the run folder used to be named by the second
+    alone): each gets its own folder, named by its run id, and its own record."""
+    from deltalora_repro import records
+    assert records.new_run_id() != records.new_run_id()      # same second, different ids
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "deltalora_repro", *_tiny_cli_args(),
+                               f"results_dir={tmp_path / 'results'}"], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    folders = sorted((tmp_path / "outputs").glob("glue/rte/tiny-roberta/lora/*"))
+    assert len(folders) == 2 and all((f / "run.json").is_file() for f in folders)
+    ids = {json.loads((f / "run.json").read_text())["run_id"] for f in folders}
+    assert ids == {f.name for f in folders}
+    assert len(list((tmp_path / "results").rglob("records/**/*.json"))) == 2
