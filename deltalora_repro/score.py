@@ -250,8 +250,12 @@ def score(args: dict[str, str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from deltalora_repro.metrics.java import MetricToolError
 
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(__doc__)
+        return 0
     try:
-        metrics = score(parse_args(sys.argv[1:] if argv is None else argv))
+        metrics = score(parse_args(argv))
     except (UsageError, MetricToolError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("record", type=Path)
     ap.add_argument("--predictions", type=Path, default=None)
-    ap.add_argument("--results", type=Path, default=records.PROJECT_ROOT / "results")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="the results folder of the run (default: the one RECORD lies in, "
+                         "<results>/records/<task>/<model>/<method>/<run_id>.json)")
     ap.add_argument("--data-dir", default=None,
                     help="E2E official procedure: folder with testset_w_refs.csv (default: the run's data_dir)")
     ap.add_argument("--procedures", default=None,
@@ -116,6 +118,12 @@ def _main(args, argv: list[str]) -> int:
     if not args.record.is_file():
         raise ScoreRunError(f"run record {args.record} not found")
     run = json.loads(args.record.read_text())
+    if args.results is None:
+        parts = args.record.resolve().parts
+        if len(parts) < 6 or parts[-5] != "records":
+            raise ScoreRunError(f"{args.record} is not under <results>/records/<task>/<model>/"
+                                "<method>/; say where its results folder is with --results")
+        args.results = Path(*parts[:-5])
     task = run["task"]
     if task not in ("e2e", "webnlg", "xsum"):
         raise ScoreRunError(f"run task {task!r} has no decoded outputs to score (e2e, webnlg, xsum)")

@@ -716,7 +716,10 @@ def render_all(results_dir: Path, latex: bool = True, procedure: str = "paper") 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m deltalora_repro.tables", description=__doc__.splitlines()[0],
+        epilog="examples: python -m deltalora_repro.tables --results results   (what `make tables` "
+               "runs); python -m deltalora_repro.tables --results outputs/results   (your own runs)")
     parser.add_argument(
         "--results", type=Path, default=Path("results"), help="folder with records/; tables/ is written there"
     )

@@ -137,3 +137,21 @@ def test_every_bad_input_is_refused_cleanly(outcomes):
             problems.append(f"{name}: wrote {written}")
     assert not problems, "\n".join(problems)
     assert fixtures_unchanged
+
+
+COMMANDS = ["deltalora_repro", "deltalora_repro.score", "deltalora_repro.score_run",
+            "deltalora_repro.tables", "deltalora_repro.promote", "deltalora_repro.export",
+            "deltalora_repro.bench", "deltalora_repro.figure3"]
+
+
+def test_every_command_has_help_with_its_usage():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+    def one(module):
+        return module, subprocess.run([sys.executable, "-m", module, "--help"], env=env, cwd=ROOT,
+                                      capture_output=True, text=True, timeout=120)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        for module, done in pool.map(one, COMMANDS):
+            assert done.returncode == 0, (module, done.stderr[-500:])
+            assert f"python -m {module}" in done.stdout, module
