@@ -81,4 +81,4 @@ smoke:              ## every study, XSum and Figure 3 with tiny models on CPU (a
 	  train.epochs=1 train.batch_size=8 train.warmup_steps=1 task.decoding.max_new_tokens=16
 	for m in ft lora delta-lora; do $(RUN) task=e2e method=$$m $(E2E_TINY) save_weights=true task.score=false \
 	  '++method.start_steps=0' output_dir=outputs/smoke/figure3-$$m; done
-	$(PYTHON) -m deltalora_repro.tables --results $(SMOKE)
+	$(PYTHON) -m deltalora_repro.tables --results $(SMOKE) --include-trials
