@@ -272,21 +272,17 @@ def run(cfg: Any) -> dict:
         return result
     except (ConfigError, DataError):
         raise                    # bad input: nothing ran, so nothing to record
-    except TrainingDiverged as e:
-        record["status"] = "diverged"
+    except (TrainingDiverged, TrainingInterrupted) as e:
+        diverged = isinstance(e, TrainingDiverged)
+        record["status"] = "diverged" if diverged else "interrupted"
         record["error"] = str(e)
-        record["last_good_checkpoint"] = saved or None
+        record["last_good_checkpoint" if diverged else "checkpoint"] = saved or None
         if trainer is not None:
             record["evals"] = trainer.evals
-        log.error("%s; last good checkpoint: %s", e, saved.get("path", "none written"))
-        raise
-    except TrainingInterrupted as e:
-        record["status"] = "interrupted"
-        record["error"] = str(e)
-        record["checkpoint"] = saved or None
-        if trainer is not None:
-            record["evals"] = trainer.evals
-        log.warning("%s; resume with resume=%s", e, output_dir)
+        if diverged:
+            log.error("%s; last good checkpoint: %s", e, saved.get("path", "none written"))
+        else:
+            log.warning("%s; resume with resume=%s", e, output_dir)
         raise
     except BaseException as e:
         record["status"] = "failed"
