@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 
 
 class Task:
@@ -79,3 +79,15 @@ def build_task(cfg: Any, data_dir: str | None) -> Task:
     if cfg.family not in families:
         raise ConfigError(f"task family {cfg.family!r} is not available; valid: {sorted(families)}")
     return families[cfg.family](cfg, data_dir)
+
+
+def load_hub_dataset(name: str, *args: Any, local_hint: str, **kwargs: Any):
+    """`datasets.load_dataset(name, *args)`, with an unreachable hub (no network, not cached) as
+    one clear DataError that says how to use local files instead, before any model loads."""
+    from datasets import load_dataset      # slow to import; only hub users need it
+    try:
+        return load_dataset(name, *args, **kwargs)
+    except (OSError, ValueError) as e:     # ConnectionError is an OSError
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise DataError(f"cannot load {name} from the Hugging Face hub ({type(e).__name__}: "
+                        f"{first}); offline, {local_hint}") from None

@@ -189,10 +189,10 @@ def _read_csv(path: Path) -> list[tuple[int, str, str]]:
 
 
 def _load_from_hub(split: str) -> NLGSplit:
-    # Imported here: `datasets` is slow to import and only hub users need it.
-    from datasets import load_dataset
-
-    dataset = load_dataset(HUB_DATASET, split=split)
+    from deltalora_repro.tasks.base import load_hub_dataset
+    dataset = load_hub_dataset(HUB_DATASET, split=split,
+                               local_hint="point data_dir at a folder with the E2E CSVs (trainset.csv, "
+                                          "devset.csv, testset_w_refs.csv), e.g. data_dir=../shared/data/e2e")
     style = SPLIT_STYLE[split]
     examples = [
         convert_e2e(mr, ref, style)

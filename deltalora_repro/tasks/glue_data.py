@@ -97,10 +97,10 @@ def load_glue_split(name: str, split: str, data_dir: str | Path | None = None) -
 
 
 def _load_from_hub(spec: GlueSpec, split: str) -> GlueSplit:
-    # Imported here: `datasets` is slow to import and only hub users need it.
-    from datasets import load_dataset
-
-    dataset = load_dataset(HUB_DATASET, spec.hub_config, split=split)
+    from deltalora_repro.tasks.base import load_hub_dataset
+    dataset = load_hub_dataset(HUB_DATASET, spec.hub_config, split=split,
+                               local_hint="point data_dir at a folder of GLUE task folders (e.g. "
+                                          "data_dir=../shared/data/glue with RTE/train.tsv, dev.tsv)")
     key_a, key_b = spec.text_keys
     # Column access is much faster than iterating examples (MNLI train has 393k rows).
     texts_a = list(dataset[key_a])

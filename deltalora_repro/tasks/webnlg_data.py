@@ -179,11 +179,11 @@ def _split_triple(text: str, where: str) -> tuple[str, str, str]:
 
 
 def _entries_from_hub(split: str) -> tuple[list[WebNLGEntry], str]:
-    # Imported here: `datasets` is slow to import and only hub users need it.
-    from datasets import load_dataset
-
     hub_split = _SPLIT_FOLDERS[split]
-    dataset = load_dataset(HUB_DATASET, HUB_CONFIG, split=hub_split)
+    from deltalora_repro.tasks.base import load_hub_dataset
+    dataset = load_hub_dataset(HUB_DATASET, HUB_CONFIG, split=hub_split,
+                               local_hint="point data_dir at the WebNLG 2017 challenge folder, e.g. "
+                                          "data_dir=../shared/data/webnlg2017")
     entries = []
     for row in dataset:
         where = f"hub {HUB_DATASET} {HUB_CONFIG} {hub_split}, entry eid={row['eid']!r}"
