@@ -86,6 +86,8 @@ def _cases(fixtures: Path) -> dict[str, tuple[list[str], str]]:
                                    "train.tsv has a header but no rows"),
         "non-UTF-8 byte": ([*main, "model=tiny-roberta", f"data_dir={bad_byte}"],
                            "train.tsv, line 5: not UTF-8 text (byte 0xff"),
+        "dataset not on the hub offline": ([*main, "model=tiny-roberta"],
+                                           "cannot load nyu-mll/glue from the Hugging Face hub"),
         "score: no predictions": (["-m", "deltalora_repro.score", "task=e2e"], "predictions"),
         "score: unknown task": (["-m", "deltalora_repro.score", "task=wmt", "predictions=x"],
                                 "valid tasks: e2e, webnlg"),
