@@ -29,7 +29,8 @@ XSUM = ["task=xsum", "model=tiny-bart", "task.local_file=test_sample.jsonl",
         "task.local_split={train:[0,24],validation:[24,32],test:[300,304]}", "train.batch_size=8",
         "train.warmup_steps=1", "task.decoding.max_new_tokens=8", "task.decoding.num_beams=2",
         "task.score=false"]
-METHOD_ARGS = {"delta-lora": ["method.start_steps=2"], "adalora": ["method.tinit=1", "method.tfinal=2"]}
+METHOD_ARGS = {"delta-lora": ["method.start_steps=2"],
+               "adalora": ["method.tinit=1", "method.tfinal=2", "method.target_rank=2"]}
 
 
 def fixed_set(data: Path) -> dict[str, list[str]]:
