@@ -229,3 +229,17 @@ def test_two_runs_started_together_keep_separate_folders(tmp_path):
     ids = {json.loads((f / "run.json").read_text())["run_id"] for f in folders}
     assert ids == {f.name for f in folders}
     assert len(list((tmp_path / "results").rglob("records/**/*.json"))) == 2
+
+
+@pytest.mark.slow
+def test_fixed_tiny_runs_match_the_committed_fingerprints(tmp_path):
+    """The fixed set of tiny CPU runs (scripts/fingerprint_runs.py) trains bit for bit as it did at
+    the commit the fingerprints were taken (same torch, same kind of CPU): a refactor that
+    changes no computation keeps this green."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("fingerprint_runs", ROOT / "scripts" / "fingerprint_runs.py")
+    fp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fp)
+    assert fp.main(["--out", str(tmp_path / "now.json")]) == 0
+    old = ROOT / "tests" / "fixtures" / "fingerprints-8377647.json"
+    assert fp.main(["--compare", str(old), str(tmp_path / "now.json")]) == 0
