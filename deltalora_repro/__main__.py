@@ -1,4 +1,6 @@
-"""python -m deltalora_repro [model=...] [task=...] [method=...] [any.override=...] [-m for sweeps]"""
+"""python -m deltalora_repro [model=...] [task=...] [method=...] [any.override=...] [-m for sweeps]
+
+(the same as `deltalora train ...`)"""
 import difflib
 import logging
 import shutil
@@ -18,12 +20,13 @@ from .sweep import write_job_file
 
 log = logging.getLogger("deltalora_repro")
 
-# A fresh run id each time Hydra resolves a run folder (configs/config.yaml, hydra.run.dir and
+# A fresh run id each time Hydra resolves a run folder (config.yaml: hydra.run.dir and
 # hydra.sweep.subdir); the run takes its id back from the folder's name.
 if not OmegaConf.has_resolver("deltalora_run_id"):
     OmegaConf.register_new_resolver("deltalora_run_id", records.new_run_id)
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The Hydra config groups ship inside the package, so that an installed copy runs from any folder.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # Config groups chosen on the command line (`group=name`); names may have sub-folders
 # (task=glue/rte, experiment=table4/lora), which Hydra's own error does not list.
 GROUPS = ("model", "task", "method", "train", "experiment")
@@ -80,8 +83,8 @@ def check_keys(argv: list[str], config_dir: Path = CONFIG_DIR) -> str | None:
         if key not in keys:
             near = difflib.get_close_matches(key, sorted(keys), n=1, cutoff=0.6)
             hint = f"; did you mean {near[0]}?" if near else ""
-            return (f"unknown config key {key!r}{hint} (keys come from configs/; free-form "
-                    f"dictionaries: {', '.join(FREE_FORM)})")
+            return (f"unknown config key {key!r}{hint} (keys come from the files in "
+                    f"{config_dir}; free-form dictionaries: {', '.join(FREE_FORM)})")
     return None
 
 
@@ -121,7 +124,9 @@ def _remove_unused_run_folder(hydra_dir: Path) -> None:
                 break
 
 
-@hydra.main(config_path="../configs", config_name="config", version_base="1.3")
+# An absolute path: Hydra reads it as a folder however the module was imported (`python -m`, or
+# the `deltalora` command, where a relative path would make it look for a Python package).
+@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     with open_dict(cfg):
@@ -173,9 +178,15 @@ def main(cfg: DictConfig) -> float | None:
     return best[primary]
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The command line (`python -m deltalora_repro`, `deltalora train`): config names and keys
+    are checked before Hydra composes anything (and before torch loads); Hydra reads sys.argv."""
     problem = check_group_choices(sys.argv[1:]) or check_keys(sys.argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    entry()

@@ -50,7 +50,7 @@ def fingerprint(overrides: list[str], workdir: Path) -> dict:
 
     from deltalora_repro.run import run
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "deltalora_repro" / "configs"), version_base="1.3"):
         cfg = compose("config", overrides=[*overrides, "train.epochs=2", "seed=0", "device=cpu",
                                            "train.precision=fp32", "train.checkpoint=false"])
     with open_dict(cfg):

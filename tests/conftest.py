@@ -15,7 +15,7 @@ from deltalora_repro.tasks.base import build_task
 from deltalora_repro.train import Trainer, total_steps
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
+CONFIGS = ROOT / "deltalora_repro" / "configs"
 # The shared data beside the checkout; DELTALORA_TEST_DATA points elsewhere (e.g. the GPU machine).
 DATA = Path(os.environ.get("DELTALORA_TEST_DATA", ROOT.parent / "shared" / "data")).resolve()
 GLUE = DATA / "glue"
