@@ -12,6 +12,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from .errors import ConfigError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = 1
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "hydra-core", "omegaconf",
@@ -92,6 +94,18 @@ def write_json_atomic(path: Path, obj: dict, overwrite: bool = False) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def task_version(task_cfg) -> int:
+    """The task config's `version`: a positive integer that goes up whenever what the task trains
+    on or how it scores changes, so that records made under different task semantics can be told
+    apart. Its absence is an error rather than a guess."""
+    version = task_cfg.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        name = task_cfg.get("name")
+        raise ConfigError(f"task {name!r} needs task.version, a positive integer (got "
+                          f"{version!r}); every task config sets one")
+    return version
 
 
 def record_path(results_dir: Path, task: str, model: str, method: str, run_id: str) -> Path:

@@ -198,7 +198,8 @@ def run(cfg: Any) -> dict:
     run_id = cfg.get("run_id") or records.new_run_id()
     record = {
         "schema": records.SCHEMA, "run_id": run_id, "status": "running",
-        "task": cfg.task.name, "model": cfg.model.name, "method": cfg.method.name,
+        "task": cfg.task.name, "task_version": records.task_version(cfg.task),
+        "model": cfg.model.name, "method": cfg.method.name,
         "seed": cfg.seed, "experiment": cfg.get("experiment_name"),
         "config": config,
         "precision": precision, "git": records.git_state(), "machine": records.machine(device),
