@@ -36,7 +36,7 @@ quick:              ## a two-minute CPU run on real RTE rows with a tiny random-
 	  data_dir=$(DATA)/glue train.epochs=3 task.max_length=128 method.start_steps=20 \
 	  results_dir=outputs/quick-results
 
-# The standard benchmark set (issue 5), on a CUDA machine: records in results/bench/.
+# The standard benchmark set, on a CUDA machine: records in results/bench/.
 BENCH = $(PYTHON) -m deltalora_repro.bench --data $(DATA)
 bench: bench-e2e bench-512 bench-decode bench-glue bench-xsum bench-smollm2   ## all of them
 

@@ -7,7 +7,7 @@ frozen W in place from the factors' change, which needs direct access to W's q/v
 (3) DyLoRA's per-step rank. Keeping LoRA and Delta-LoRA on one module also makes their cost
 comparison exact: Delta-LoRA is LoRA plus one update call per optimizer step.
 
-Notation (PROTOCOL.md §1): W is out x in, A is r x in, B is out x r, s = alpha / r,
+Notation (PEFT's lora_A / lora_B): W is out x in, A is r x in, B is out x r, s = alpha / r,
 h = W x + s * B A x.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Beam search for decoder-only models with the LoRA repository's rules (PROTOCOL §4).
+"""Beam search for decoder-only models with the LoRA repository's rules.
 
 E2E (Table 1) and WebNLG (Table 2) are decoded the way the LoRA repository's
 `examples/NLG/src/gpt2_beam.py` decodes them (the paper follows that pipeline; E2E: 10 beams,

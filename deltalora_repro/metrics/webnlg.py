@@ -1,5 +1,6 @@
 """WebNLG 2017 scores (paper Table 2) as WebNLG/GenerationEval's eval.py computes them, after the
-LoRA repository's decode step, which the paper's pipeline runs first (PROTOCOL.md §4).
+LoRA repository's decode step, which the paper's pipeline runs first (microsoft/LoRA
+examples/NLG).
 
 The pipeline, step by step:
 

@@ -1,6 +1,7 @@
 """Data-to-text with decoder-only models: E2E (Table 1) and WebNLG 2017 (Table 2).
 
-Layout and loss as in the LoRA repository's NLG pipeline, which the paper follows (PROTOCOL.md §4):
+Layout and loss as in the LoRA repository's NLG pipeline (microsoft/LoRA examples/NLG), which the
+paper follows:
 each training sequence is `context <eos> ␠reference <eos>`, and the loss covers only the reference
 tokens and the final end token. After training, every distinct test input is decoded once with
 beam search (decoding.py) and the outputs are scored with the official metric definitions.

@@ -1,7 +1,8 @@
 """XSum abstractive summarisation with BART (Table 3).
 
-The paper runs XSum "by using the setting provided by" AdaLoRA (Sec. 5.2), whose script is
-Hugging Face's run_summarization (PROTOCOL.md §4): the article is the encoder input (at most 768
+The paper runs XSum "by using the setting provided by" AdaLoRA (Sec. 5.2), whose script
+(QingruZhang/AdaLoRA NLG_QA/scripts/run_bart_xsum.sh) runs Hugging Face's
+run_summarization_no_trainer.py: the article is the encoder input (at most 768
 tokens), the one-sentence summary the decoder target (at most 64), trained with token-level cross
 entropy under teacher forcing; test summaries come from beam search (8 beams, Table 12) and are
 scored with ROUGE (metrics/xsum.py). The per-epoch check is the validation loss only: decoding the
