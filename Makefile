@@ -25,9 +25,10 @@ test:               ## the fast CPU suite (what CI runs)
 test-all:           ## including slow tests
 	$(PYTHON) -m pytest -m "not gpu"
 
-tables:             ## render every paper table from the run records in results/
+tables:             ## every paper table and the index from the run records in results/, then Figure 3
 	$(PYTHON) -m deltalora_repro.tables --results results
 	$(PYTHON) -m deltalora_repro.tables --results results --procedure official
+	$(PYTHON) -m deltalora_repro.figure3 --results results
 
 # 3 epochs of RTE at batch 128 are 60 optimizer steps: K=20 (the paper's RTE K is 200) so that
 # Delta-LoRA's W update runs for the last 40 of them.
@@ -82,3 +83,4 @@ smoke:              ## every study, XSum and Figure 3 with tiny models on CPU (a
 	for m in ft lora delta-lora; do $(RUN) task=e2e method=$$m $(E2E_TINY) save_weights=true task.score=false \
 	  '++method.start_steps=0' output_dir=outputs/smoke/figure3-$$m; done
 	$(PYTHON) -m deltalora_repro.tables --results $(SMOKE) --include-trials
+	$(PYTHON) -m deltalora_repro.figure3 --results $(SMOKE)

@@ -1,30 +1,28 @@
 """Figure 3: per transformer block, the cosine similarity between the fine-tuned and the pretrained
 Wq and Wv, for fine-tuning, LoRA (merged: W + s B A) and Delta-LoRA (W_T + s B_T A_T).
 
+    python -m deltalora_repro.figure3 --results results      # every task x model with saved runs
     python -m deltalora_repro.figure3 RUN_DIR [RUN_DIR ...] --out results/figures/figure3_e2e__gpt2-medium
-    make tables        # also draws Figure 3 for every task x model with saved runs
 
-A run directory is a finished run's output_dir with `save_weights=true` (run.json and
-weights.safetensors). The pretrained weights are rebuilt the way the run built them (the hub or
-package model, or the seeded random init of a tiny model), so the comparison needs nothing else.
-Writes a CSV (one row per run x adapted weight) and a PNG (one line per run and projection).
+`make tables` runs the first after the tables. With --results, the latest completed ft, lora and
+delta-lora run of each task x model whose record points at saved weights go into
+RESULTS/figures/figure3_<task>__<model>.{csv,png}; runs without weights are passed over, so a
+results folder with none draws nothing. A run directory is a finished run's output_dir with
+`save_weights=true` (run.json and weights.safetensors). The pretrained weights are rebuilt the
+way the run built them (the hub or package model, or the seeded random init of a tiny model), so
+the comparison needs nothing else. Writes a CSV (one row per run x adapted weight) and a PNG (one
+line per run and projection).
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import re
 import sys
 from pathlib import Path
 
-import torch
-from omegaconf import OmegaConf
-
-from .adapters import find_sites, weight_slice
 from .errors import ConfigError
-from .models import load_backbone
-from .tasks.base import build_task
+from .tables import scan_records
 
 FIELDS = ["run_id", "task", "model", "method", "module", "stack", "block", "proj", "cosine"]
 
@@ -40,25 +38,34 @@ def _block(module_name: str) -> tuple[str, int]:
     return stack, int(match.group(1))
 
 
-@torch.no_grad()
 def similarities(run_dir: Path) -> list[dict]:
     """One row per adapted Wq / Wv slice of the run: cos(W_finetuned, W_pretrained)."""
+    # torch and the model code load here, only when a run with weights is drawn: `make tables`
+    # calls this command on every results folder, most of which hold no saved weights.
+    import torch
+    from omegaconf import OmegaConf
+
+    from .adapters import find_sites, weight_slice
     from .export import load_trained, merge
-    model, _, record = load_trained(run_dir)
-    merged = merge(model)
-    cfg = OmegaConf.create(record["config"])
-    task = build_task(cfg.task, cfg.data_dir)
-    base, _, _ = load_backbone(cfg.model, task.head, seed=cfg.seed,
-                               overrides=cfg.task.get("model_overrides"), **task.model_kwargs())
-    rows = []
-    for site in find_sites(base):
-        w0 = weight_slice(base.get_submodule(site.module_name), site).float().flatten()
-        w1 = weight_slice(merged.get_submodule(site.module_name), site).float().flatten()
-        stack, block = _block(site.module_name)
-        rows.append({"run_id": record["run_id"], "task": record["task"], "model": record["model"],
-                     "method": record["method"], "module": site.module_name, "stack": stack,
-                     "block": block, "proj": site.proj,
-                     "cosine": float(torch.nn.functional.cosine_similarity(w0, w1, dim=0))})
+    from .models import load_backbone
+    from .tasks.base import build_task
+
+    with torch.no_grad():
+        model, _, record = load_trained(run_dir)
+        merged = merge(model)
+        cfg = OmegaConf.create(record["config"])
+        task = build_task(cfg.task, cfg.data_dir)
+        base, _, _ = load_backbone(cfg.model, task.head, seed=cfg.seed,
+                                   overrides=cfg.task.get("model_overrides"), **task.model_kwargs())
+        rows = []
+        for site in find_sites(base):
+            w0 = weight_slice(base.get_submodule(site.module_name), site).float().flatten()
+            w1 = weight_slice(merged.get_submodule(site.module_name), site).float().flatten()
+            stack, block = _block(site.module_name)
+            rows.append({"run_id": record["run_id"], "task": record["task"], "model": record["model"],
+                         "method": record["method"], "module": site.module_name, "stack": stack,
+                         "block": block, "proj": site.proj,
+                         "cosine": float(torch.nn.functional.cosine_similarity(w0, w1, dim=0))})
     return rows
 
 
@@ -97,10 +104,11 @@ def write(rows: list[dict], out: Path) -> list[Path]:
 def runs_with_weights(results_dir: Path) -> dict[tuple[str, str], list[Path]]:
     """Completed runs whose saved weights still exist, by (task, model); the latest per method."""
     found: dict[tuple[str, str], dict[str, tuple[str, Path]]] = {}
-    for f in sorted((results_dir / "records").rglob("*.json")):
-        record = json.loads(f.read_text())
+    # The tables' reader: the same records count, and a broken file is passed over (the tables
+    # command names it) rather than stopping the figure.
+    for record in scan_records(results_dir).completed:
         weights = Path((record.get("weights") or {}).get("path", ""))
-        if record.get("status") != "completed" or not weights.is_file():
+        if not weights.is_file():
             continue
         if record["method"] not in ("ft", "lora", "delta-lora"):
             continue
@@ -111,6 +119,7 @@ def runs_with_weights(results_dir: Path) -> dict[tuple[str, str], list[Path]]:
 
 
 def render_all(results_dir: Path) -> list[Path]:
+    """Figure 3 of every task x model with saved runs under `results_dir`; the files written."""
     written = []
     for (task, model), dirs in sorted(runs_with_weights(results_dir).items()):
         rows = [row for d in dirs for row in similarities(d)]
@@ -122,16 +131,37 @@ def render_all(results_dir: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m deltalora_repro.figure3", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run_dirs", type=Path, nargs="+")
-    ap.add_argument("--out", type=Path, required=True, help="path stem: writes STEM.csv and STEM.png")
+    ap.add_argument("run_dirs", type=Path, nargs="*", metavar="RUN_DIR",
+                    help="output_dir of a finished run saved with save_weights=true")
+    ap.add_argument("--out", type=Path, help="with RUN_DIRs: path stem, writes STEM.csv and STEM.png")
+    ap.add_argument("--results", type=Path,
+                    help="instead of RUN_DIRs: the folder holding records/; writes RESULTS/figures/")
     args = ap.parse_args(argv)
+    if args.results is not None and (args.run_dirs or args.out is not None):
+        print("error: give either --results RESULTS or RUN_DIR [RUN_DIR ...] --out STEM, not both",
+              file=sys.stderr)
+        return 2
+    if args.results is None and not (args.run_dirs and args.out is not None):
+        print("error: nothing to draw: give --results RESULTS (every saved run of a results "
+              "folder) or RUN_DIR [RUN_DIR ...] with --out STEM", file=sys.stderr)
+        return 2
+    if args.results is not None and not (args.results / "records").is_dir():
+        print(f"error: no run records under {args.results / 'records'} (--results names the folder "
+              "holding records/, e.g. results or outputs/results)", file=sys.stderr)
+        return 2
     try:
-        rows = [row for d in args.run_dirs for row in similarities(d)]
+        if args.results is not None:
+            written = render_all(args.results)
+        else:
+            written = write([row for d in args.run_dirs for row in similarities(d)], args.out)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for path in write(rows, args.out):
+    for path in written:
         print(f"wrote {path}")
+    if args.results is not None and not written:
+        print(f"no Figure 3: no completed ft, lora or delta-lora run under {args.results / 'records'} "
+              "has its saved weights (train with save_weights=true)")
     return 0
 
 

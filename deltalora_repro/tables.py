@@ -2,10 +2,13 @@
 
     python -m deltalora_repro.tables [--results results]
 
-reads every `results/records/**/*.json` and writes `results/tables/<table>__<model>.{md,tex}`.
-Rendering is pure: records in, text out. A table is data (`TableSpec`): which records belong to
-which row (a matcher on record fields and resolved-config values) and column (a task and a
-metric), and how a record's metric becomes a cell (which metrics dict, which scale).
+reads every `results/records/**/*.json` and writes `results/tables/<table>__<model>.{md,tex}` and
+the index of run and benchmark records, `results/README.md`. Figure 3 needs the saved weights and
+torch: `python -m deltalora_repro.figure3 --results results` draws it; `make tables` runs both.
+Rendering is pure: records in, text out, and no torch, so tables render wherever the records
+are. A table is data (`TableSpec`): which records belong to which row (a matcher on record fields
+and resolved-config values) and column (a task and a metric), and how a record's metric becomes a
+cell (which metrics dict, which scale).
 
 E2E and WebNLG numbers depend on the scoring procedure (metrics/e2e.py, metrics/webnlg.py): every
 such table is rendered for one procedure per task, named above the table (default: paper, the
@@ -372,6 +375,8 @@ DEFAULT_PROCEDURES: Mapping[str, str] = {"e2e": "paper", "webnlg": "paper"}
 
 
 def _procedure_descriptions() -> dict[str, dict[str, str]]:
+    # Read from the procedures themselves so the text cannot drift from what scored the numbers;
+    # the scoring modules load no torch (a test renders every table and checks).
     from deltalora_repro.metrics import e2e, webnlg
     return {"e2e": {n: p.description for n, p in e2e.PROCEDURES.items()},
             "webnlg": {n: p.description for n, p in webnlg.PROCEDURES.items()}}
@@ -764,11 +769,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.procedure != "paper":
         print(f"wrote {len(files)} files to {out_dir}")
         return
-    from .figure3 import render_all as render_figures
-    figures = render_figures(args.results)
+    # The index goes with the default tables: one call of `make tables` writes it once.
     (args.results / "README.md").write_text(render_index(args.results), encoding="utf-8")
-    print(f"wrote {len(files)} files to {out_dir}, {len(figures)} Figure 3 files to "
-          f"{args.results / 'figures'} and the index {args.results / 'README.md'}")
+    print(f"wrote {len(files)} files to {out_dir} and the index {args.results / 'README.md'}")
 
 
 def render_index(results_dir: Path) -> str:

@@ -38,9 +38,10 @@ def test_figure3_from_saved_runs(tmp_path):
     assert all(x["cosine"] == pytest.approx(1.0, abs=1e-6) for x in rows["ft"])
     for m in ("lora", "delta-lora"):
         assert all(-1.0 <= x["cosine"] < 1.0 - 1e-6 for x in rows[m]), m
-    # make tables finds the three runs through their records and draws the figure.
-    written = figure3.render_all(results)
-    assert {p.suffix for p in written} == {".csv", ".png"}
+    # `make tables` runs this command: it finds the three runs through their records and draws.
+    assert figure3.main(["--results", str(results)]) == 0
+    assert sorted(p.name for p in (results / "figures").iterdir()) == [
+        "figure3_e2e__tiny-gpt2.csv", "figure3_e2e__tiny-gpt2.png"]
     with open(results / "figures" / "figure3_e2e__tiny-gpt2.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert sorted({r["method"] for r in table}) == ["delta-lora", "ft", "lora"] and len(table) == 12
@@ -52,3 +53,35 @@ def test_figure3_cli_names_a_missing_run(tmp_path, capsys):
     from deltalora_repro.figure3 import main
     assert main([str(tmp_path / "nope"), "--out", str(tmp_path / "fig")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, says", [
+    ([], "nothing to draw"),
+    (["RUN"], "nothing to draw"),                       # run folders without --out
+    (["RUN", "--out", "FIG", "--results", "RES"], "not both"),
+    (["--out", "FIG", "--results", "RES"], "not both"),
+    (["--results", "NOWHERE"], "no run records under"),
+])
+def test_figure3_cli_refuses_an_unclear_request(tmp_path, capsys, argv, says):
+    from deltalora_repro.figure3 import main
+    (tmp_path / "RES" / "records").mkdir(parents=True)
+    argv = [str(tmp_path / a) if a.isupper() else a for a in argv]
+    assert main(argv) == 2
+    assert says in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["RES"]      # nothing written
+
+
+def test_figure3_results_without_saved_weights_draws_nothing(tmp_path, capsys):
+    """A completed run whose weights were not kept (or are gone) is passed over, not an error;
+    a broken record file does not stop the figure either."""
+    from deltalora_repro.figure3 import main
+    records = tmp_path / "records" / "e2e"
+    records.mkdir(parents=True)
+    record = {"run_id": "20261122-160100-aaaaaa", "status": "completed", "task": "e2e",
+              "model": "tiny-gpt2", "method": "lora", "seed": 0, "metrics": {},
+              "weights": {"path": str(tmp_path / "gone" / "weights.safetensors")}}
+    (records / "run.json").write_text(json.dumps(record))
+    (records / "broken.json").write_text("{")
+    assert main(["--results", str(tmp_path)]) == 0
+    assert "no Figure 3" in capsys.readouterr().out
+    assert not (tmp_path / "figures").exists()

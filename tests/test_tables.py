@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -368,3 +371,57 @@ def test_committed_tables_are_the_rendering_of_the_committed_records() -> None:
     for procedure in tables.PROCEDURE_CHOICES:
         for name, text in render_all(results, procedure=procedure).items():
             assert (results / "tables" / name).read_text(encoding="utf-8") == text, name
+
+
+# --- rendering needs no torch ------------------------------------------------------------------
+
+_PURE_RENDER = """
+import importlib.util, json, sys
+heavy = ("torch", "transformers", "peft")
+print("INSTALLED " + json.dumps([m for m in heavy if importlib.util.find_spec(m) is not None]))
+from deltalora_repro import tables
+results = sys.argv[1]
+tables.main(["--results", results])
+tables.main(["--results", results, "--procedure", "official"])
+print("TABLES " + json.dumps([m for m in heavy if m in sys.modules]), flush=True)
+from deltalora_repro import figure3
+assert figure3.main(["--results", results]) == 0
+print("FIGURE3 " + json.dumps([m for m in heavy if m in sys.modules]))
+"""
+
+
+def test_make_tables_loads_no_torch(tmp_path: Path) -> None:
+    """The commands of `make tables` on a results folder without saved weights: every table (both
+    procedures), the index and the (empty) Figure 3 step, in a fresh interpreter that never
+    imports torch, transformers or peft."""
+    results = _glue_results(tmp_path / "results")
+    _write(results, _e2e("delta-lora", 0.7084, update_ratio=2, start_steps=500, lora_dropout=0.0),
+           _e2e("lora", 0.6960))
+    (results / "bench").mkdir()
+    (results / "bench" / "20261122-185003-ea9b17.json").write_text(json.dumps({
+        "kind": "bench", "args": {"shape": "gpt2-medium", "methods": "lora,delta-lora"},
+        "git": {"commit": "0123456789abcdef"}, "machine": {"device_name": "NVIDIA H200"}}))
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", _PURE_RENDER, str(results)], cwd=root,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    said = {}
+    for line in done.stdout.splitlines():
+        tag, _, value = line.partition(" ")
+        if tag in ("INSTALLED", "TABLES", "FIGURE3"):
+            said[tag] = json.loads(value)
+    # Not vacuous: torch and transformers are installed here, so an import would have succeeded.
+    assert {"torch", "transformers"} <= set(said["INSTALLED"])
+    assert "TABLES" in said, done.stderr[-2000:]
+    assert said["TABLES"] == [], f"rendering the tables imported {said['TABLES']}"
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert said["FIGURE3"] == [], f"Figure 3 without saved weights imported {said['FIGURE3']}"
+    # What was rendered: every table, the official-procedure copies, the index with both kinds.
+    written = {p.name for p in (results / "tables").iterdir()}
+    assert {n.split("__")[0] for n in written} == {spec.slug for spec in tables.TABLE_SPECS}
+    assert "table1_e2e__gpt2-medium__official.md" in written
+    assert "70.84 (paper 70.84)" in (results / "tables" / "table1_e2e__gpt2-medium.md").read_text()
+    index = (results / "README.md").read_text()
+    assert "`20261122-160100-lora-lr0.0002-`" in index and "`20261122-185003-ea9b17`" in index
+    assert not (results / "figures").exists()
+    assert "no Figure 3" in done.stdout
