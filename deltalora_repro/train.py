@@ -394,7 +394,9 @@ class Trainer:
         self.model.train()
         running = torch.zeros((), device=self.device)
         t_log, n_log, tokens = time.perf_counter(), 0, 0
-        board = Board(log_dir, purge_step=self.step or None)
+        # On resume, what the interrupted run logged after its checkpoint is dropped; the
+        # checkpoint's own step (its loss and evaluation) was logged before it was written.
+        board = Board(log_dir, purge_step=self.step + 1 if self.step else None)
         steps_bar = bar(total=self.total_steps, initial=self.step, desc="train", unit="step")
         self.in_loop = True
         try:
@@ -418,7 +420,7 @@ class Trainer:
                         log.info("step %d/%d epoch %d loss %.4f lr %.2e %.1f ms/step", self.step,
                                  self.total_steps, self.epoch + 1, loss, lr, 1000 * dt / n_log)
                         steps_bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
-                                              tok_s=f"{tokens / dt:.0f}", refresh=False)
+                                              tok_s=f"{tokens / dt:.0f}")
                         board.scalars({"loss": loss, "lr": lr, "tokens_per_s": tokens / dt},
                                       self.step, "train")
                         running.zero_()

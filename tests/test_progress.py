@@ -85,6 +85,34 @@ def test_the_writer_is_closed_when_training_fails(tmp_path, monkeypatch):
     assert [s for s, _ in read_board(tmp_path / "out" / "tensorboard")["train/loss"]] == [1, 2]
 
 
+def test_a_resumed_run_continues_the_curves_without_the_lost_steps(tmp_path, monkeypatch):
+    """Crash after step 8, resume in the same folder from the epoch-1 checkpoint (step 6): the
+    log holds each step once, the same as a run straight through (resume is exact)."""
+    args = ("method=delta-lora", "method.start_steps=2", "train.epochs=2", "train.log_every=1",
+            "train.checkpoint=true")
+    run(small_cfg(tmp_path / "a", *args))
+    straight = read_board(tmp_path / "a" / "out" / "tensorboard")
+
+    real_step = train_module.Trainer.train_step
+
+    def crash_after_step_8(self, micro_batches):
+        if self.step == 8:
+            raise RuntimeError("simulated crash")
+        return real_step(self, micro_batches)
+
+    with monkeypatch.context() as m:
+        m.setattr(train_module.Trainer, "train_step", crash_after_step_8)
+        with pytest.raises(RuntimeError, match="simulated"):
+            run(small_cfg(tmp_path / "b", *args))
+    out = tmp_path / "b" / "out"
+    assert [s for s, _ in read_board(out / "tensorboard")["train/loss"]] == list(range(1, 9))
+    run(small_cfg(tmp_path / "b", *args, f"resume={out}"))
+    resumed = read_board(out / "tensorboard")
+    assert [s for s, _ in resumed["train/loss"]] == list(range(1, 13))
+    for tag in ("train/loss", "train/lr", "eval/accuracy"):
+        assert resumed[tag] == straight[tag], tag
+
+
 @pytest.mark.parametrize("key, value", [("train.progress", "sometimes"),
                                         ("train.tensorboard", "maybe")])
 def test_bad_switches_are_config_errors(tmp_path, key, value):

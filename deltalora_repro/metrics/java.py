@@ -256,7 +256,7 @@ def run_parallel(jobs: dict[str, tuple]) -> dict[str, object]:
 
     def work(name, fn, args):
         try:
-            with stage(f"scoring {name}"):
+            with stage(f"scoring {name} ({getattr(fn, '__name__', fn)})"):
                 results[name] = fn(*args)
         except BaseException as exc:  # noqa: BLE001 - re-raised below in the caller's thread
             errors.append(exc)
