@@ -63,6 +63,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .progress import bar
+
 
 @dataclass
 class BeamConfig:
@@ -91,7 +93,8 @@ def beam_search(model, prompts: list[list[int]], cfg: BeamConfig, pad_token_id: 
     model.eval()
     try:
         with _decode_attention():
-            for start in range(0, len(order), batch_size):
+            chunks = range(0, len(order), batch_size)
+            for start in bar(chunks, desc=f"decode ({len(prompts)} prompts)", unit="chunk"):
                 idx = order[start:start + batch_size]
                 for i, toks in zip(idx, _search_chunk(model, [prompts[i] for i in idx], cfg,
                                                       pad_token_id)):

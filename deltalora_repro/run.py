@@ -20,6 +20,7 @@ from . import checkpoint, records
 from .errors import ConfigError, DataError
 from .methods import METHODS, build_method
 from .models import canonical_name, head_prefixes, load_backbone
+from .progress import progress_bars
 from .tasks.base import build_task
 from .train import Trainer, TrainingDiverged, TrainingInterrupted, total_steps
 
@@ -66,6 +67,8 @@ def validate(cfg: Any) -> None:
         ("train.eval_batch_size", t.eval_batch_size, _positive, "a positive integer"),
         ("train.log_every", t.log_every, _positive, "a positive integer"),
         ("train.checkpoint", t.checkpoint, lambda v: isinstance(v, bool), "true or false"),
+        ("train.tensorboard", t.get("tensorboard", True), lambda v: isinstance(v, bool),
+         "true or false"),
         ("save_weights", cfg.save_weights, lambda v: isinstance(v, bool), "true or false"),
     ]
     task = cfg.task
@@ -101,6 +104,8 @@ def validate(cfg: Any) -> None:
                           f"{t.grad_accum}")
     from .train import compile_scope
     compile_scope(t)                       # train.compile: a clear error before loading anything
+    from .progress import disable_flag
+    disable_flag(t.get("progress", "auto"))   # train.progress: auto | true | false
     if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
         raise ConfigError(f"data_dir {cfg.data_dir!r} is not a directory")
 
@@ -262,8 +267,9 @@ def run(cfg: Any) -> dict:
         }
         record["total_steps"] = n_total
         t_train = time.perf_counter()
-        with trainer.stop_on_signals():
-            trainer.fit(save=save)
+        board_dir = output_dir / "tensorboard" if tcfg.get("tensorboard", True) else None
+        with trainer.stop_on_signals(), progress_bars(tcfg.get("progress", "auto")):
+            trainer.fit(save=save, log_dir=board_dir)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             record["train_time_s"] = time.perf_counter() - t_train

@@ -34,6 +34,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from .errors import ConfigError
 from .methods import Method
+from .progress import Board, bar
 from .tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -376,11 +377,14 @@ class Trainer:
             self.method.on_train_start(self.device, self.cfg, graphs)
             self._started = True
 
-    def fit(self, save: Callable[["Trainer"], None] | None = None) -> None:
+    def fit(self, save: Callable[["Trainer"], None] | None = None,
+            log_dir: Path | None = None) -> None:
         """Train to the end. `save(trainer)` writes a checkpoint: every `train.checkpoint_every`
         optimizer steps and at every epoch end when `train.checkpoint` is on, and always when a
         SIGINT/SIGTERM has asked to stop (then TrainingInterrupted is raised). The divergence
-        flag is read first each time, so a checkpoint is never written after a non-finite loss."""
+        flag is read first each time, so a checkpoint is never written after a non-finite loss.
+        `log_dir`: where the TensorBoard log goes (None: none is written); it is closed on the
+        way out, whatever ends the run."""
         cfg = self.cfg
         examples = self.task.train_examples()
         per_epoch = math.ceil(len(examples) / cfg.batch_size)
@@ -389,7 +393,11 @@ class Trainer:
         self.start()
         self.model.train()
         running = torch.zeros((), device=self.device)
-        t_log, n_log = time.perf_counter(), 0
+        t_log, n_log, tokens = time.perf_counter(), 0, 0
+        # On resume, what the interrupted run logged after its checkpoint is dropped; the
+        # checkpoint's own step (its loss and evaluation) was logged before it was written.
+        board = Board(log_dir, purge_step=self.step + 1 if self.step else None)
+        steps_bar = bar(total=self.total_steps, initial=self.step, desc="train", unit="step")
         self.in_loop = True
         try:
             while self.epoch < cfg.epochs and self.step < self.total_steps:
@@ -398,18 +406,25 @@ class Trainer:
                 else:
                     self.epoch_generator_state = self.generator.get_state()
                 for micro_batches in self.step_batches(examples, skip=self.position):
+                    tokens += batch_tokens(micro_batches)
                     running += self.train_step(micro_batches)
                     self.position += 1
                     n_log += 1
+                    steps_bar.update(1)           # a host counter: no device read
                     if self.step % cfg.log_every == 0:
                         # The only host synchronisation of a plain step, once every log_every.
                         self.check_finite()
                         dt = time.perf_counter() - t_log
+                        loss = (running / n_log).item()
+                        lr = float(self.scheduler.get_last_lr()[0])   # a device tensor on the graph path
                         log.info("step %d/%d epoch %d loss %.4f lr %.2e %.1f ms/step", self.step,
-                                 self.total_steps, self.epoch + 1, (running / n_log).item(),
-                                 self.scheduler.get_last_lr()[0], 1000 * dt / n_log)
+                                 self.total_steps, self.epoch + 1, loss, lr, 1000 * dt / n_log)
+                        steps_bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                                              tok_s=f"{tokens / dt:.0f}")
+                        board.scalars({"loss": loss, "lr": lr, "tokens_per_s": tokens / dt},
+                                      self.step, "train")
                         running.zero_()
-                        t_log, n_log = time.perf_counter(), 0
+                        t_log, n_log, tokens = time.perf_counter(), 0, 0
                     self._stop_if_asked(save)
                     ends_epoch = self.position >= per_epoch or self.step >= self.total_steps
                     # An epoch end checkpoints right after its evaluation: not twice.
@@ -426,11 +441,15 @@ class Trainer:
                 self.evals.append({"epoch": self.epoch, "step": self.step, **metrics})
                 log.info("epoch %d step %d eval %s", self.epoch, self.step,
                          {k: round(v, 4) for k, v in metrics.items()})
+                board.scalars(metrics, self.step, "eval")
+                board.flush()                     # an epoch's curves on disk before the next one
                 if periodic:
                     periodic(self)
                 self._stop_if_asked(save, saved=periodic is not None)
         finally:
             self.in_loop = False
+            steps_bar.close()
+            board.close()
         self.method.on_train_end()
 
     def _stop_if_asked(self, save, saved: bool = False) -> None:
@@ -466,6 +485,16 @@ class Trainer:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+
+
+def batch_tokens(micro_batches: list[dict]) -> int:
+    """Tokens of one optimizer step (padding excluded), for tokens/s. Read from the collated
+    batches while they are still host tensors: counting costs no device synchronisation."""
+    n = 0
+    for batch in micro_batches:
+        mask = batch.get("attention_mask")
+        n += int(mask.numpy().sum()) if mask is not None else batch["input_ids"].numel()
+    return n
 
 
 class _StepGraph:

@@ -189,7 +189,8 @@ DAMAGE = {"json-random": "not JSON", "json-truncated": "not JSON",
 
 def test_damaged_checkpoints_are_one_line_errors_before_the_model_loads(tmp_path, monkeypatch):
     run(cfg_of(tmp_path / "a", "method=lora", "train.epochs=1"))
-    pristine = {p.name: p.read_bytes() for p in (tmp_path / "a" / "out").iterdir()}
+    pristine = {p.name: p.read_bytes() for p in (tmp_path / "a" / "out").iterdir()
+                if p.is_file()}              # not the tensorboard/ folder
     monkeypatch.setattr(run_module, "load_backbone",
                         lambda *a, **k: pytest.fail("the model must not be loaded"))
     for how, expected in DAMAGE.items():

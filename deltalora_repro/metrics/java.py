@@ -38,6 +38,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from ..progress import stage
+
 JAVA_MISSING = (
     "the official METEOR 1.5 and PTB tokenizer jars need a Java runtime, and no `java` was found on "
     "PATH. Install one (Debian/Ubuntu: `apt-get install -y default-jre-headless`; any Java >= 8 "
@@ -254,7 +256,8 @@ def run_parallel(jobs: dict[str, tuple]) -> dict[str, object]:
 
     def work(name, fn, args):
         try:
-            results[name] = fn(*args)
+            with stage(f"scoring {name} ({getattr(fn, '__name__', fn)})"):
+                results[name] = fn(*args)
         except BaseException as exc:  # noqa: BLE001 - re-raised below in the caller's thread
             errors.append(exc)
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..metrics.glue import glue_metrics
+from ..progress import bar
 from .base import Task, pad_to, padding_mask
 from .glue_data import GLUE_SPECS, load_glue_split
 
@@ -80,7 +81,7 @@ class GlueTask(Task):
         for name in self.eval_names:
             preds, labels = [], []
             data = self.encoded[name]
-            for i in range(0, len(data), batch_size):
+            for i in bar(range(0, len(data), batch_size), desc=f"eval {name}", unit="batch"):
                 batch = {k: v.to(device) for k, v in self.collate(data[i:i + batch_size]).items()}
                 logits = self._logits(model, batch).float()
                 preds.append(logits.squeeze(-1) if self.regression else logits.argmax(-1))

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..decoding import BeamConfig, beam_search
 from ..errors import DataError
+from ..progress import bar, stage
 from .base import Task, pad_to
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ class NLGTask(Task):
         """Per-epoch: token-level loss on the validation references (cheap; decoding is for test)."""
         total, count = torch.zeros((), device=device), torch.zeros((), device=device)
         data = self.encoded["validation"]
-        for i in range(0, len(data), batch_size):
+        for i in bar(range(0, len(data), batch_size), desc="eval validation", unit="batch"):
             batch = {k: v.to(device) for k, v in self.collate(data[i:i + batch_size]).items()}
             logits = causal_logits(model, batch)
             labels = batch["labels"][:, 1:]
@@ -209,7 +210,8 @@ class NLGTask(Task):
             # Decoded on a machine without Java (METEOR, PTB tokenizer): score later from the
             # kept predictions with `python -m deltalora_repro.score_run RECORD`.
             return {}
-        return self.score(predictions)
+        with stage(f"scoring {len(predictions)} test outputs"):
+            return self.score(predictions)
 
 
 class E2ETask(NLGTask):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from transformers.models.bart.modeling_bart import shift_tokens_right
 
 from ..errors import ConfigError, DataError
+from ..progress import bar, stage
 from .base import Task, pad_to, padding_mask
 
 log = logging.getLogger(__name__)
@@ -244,7 +245,7 @@ class XSumTask(Task):
         self._check_decoder_start(model)
         total, count = torch.zeros((), device=device), torch.zeros((), device=device)
         data = self.encoded["validation"]
-        for i in range(0, len(data), batch_size):
+        for i in bar(range(0, len(data), batch_size), desc="eval validation", unit="batch"):
             batch = {k: v.to(device) for k, v in self.collate(data[i:i + batch_size]).items()}
             logits = seq2seq_logits(model, batch)
             total += F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(),
@@ -274,7 +275,7 @@ class XSumTask(Task):
         size = self.cfg.decoding.batch_size
         out: list[str | None] = [None] * len(examples)
         kwargs = self.generation_kwargs()
-        for start in range(0, len(order), size):
+        for start in bar(range(0, len(order), size), desc="decode test", unit="chunk"):
             chunk = order[start:start + size]
             batch = self.collate([examples[i] for i in chunk])
             # generate() expands the 2-D mask over the beams itself.
@@ -305,4 +306,5 @@ class XSumTask(Task):
                                         "prediction": pred, "reference": row["summary"]}) + "\n")
         if not self.cfg.get("score", True):
             return {}
-        return self.score(predictions)
+        with stage(f"scoring {len(predictions)} test summaries (ROUGE)"):
+            return self.score(predictions)
