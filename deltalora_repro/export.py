@@ -21,27 +21,32 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from .adapters import LoRALayer, Site, weight_slice
+from .build import build
 from .errors import ConfigError
 from .fused_qkv import fuse_qkv
-from .methods import build_method
-from .models import head_prefixes, load_backbone
-from .tasks.base import build_task
 
 
-def load_trained(run_dir: Path):
-    """(model with the run's weights, tokenizer, record)."""
+def read_run(run_dir: Path) -> tuple[dict, object]:
+    """(record, config) of a finished run's output directory that kept its weights."""
     record_file, weights = run_dir / "run.json", run_dir / "weights.safetensors"
     for f in (record_file, weights):
         if not f.is_file():
             raise ConfigError(f"{f} not found: pass the output directory of a finished run")
     record = json.loads(record_file.read_text())
-    cfg = OmegaConf.create(record["config"])
-    task = build_task(cfg.task, cfg.data_dir)
-    model, tok, _ = load_backbone(cfg.model, task.head, seed=cfg.seed,
-                                  overrides=cfg.task.get("model_overrides"), **task.model_kwargs())
-    heads = head_prefixes(model) if task.head == "classification" else []
-    method = build_method(cfg.method, record["total_steps"])
-    model = method.apply(model, heads)
+    return record, OmegaConf.create(record["config"])
+
+
+def load_trained(run_dir: Path, **build_kwargs):
+    """(model with the run's weights, tokenizer, record). `build_kwargs` go to build() (Figure 3
+    hands in the pretrained model it has already loaded)."""
+    record, cfg = read_run(run_dir)
+    built = build(cfg, data=False, total_steps=record["total_steps"], **build_kwargs)
+    load_weights(built.model, run_dir / "weights.safetensors")
+    return built.model, built.tokenizer, record
+
+
+def load_weights(model, weights: Path) -> None:
+    """Copy a run's saved tensors (what differs from the pretrained model) into `model`."""
     state = load_file(str(weights))
     missing = set(state) - set(dict(model.named_parameters()))
     if missing:
@@ -50,7 +55,6 @@ def load_trained(run_dir: Path):
     with torch.no_grad():
         for name, tensor in state.items():
             params[name].copy_(tensor)
-    return model, tok, record
 
 
 @torch.no_grad()

@@ -1,11 +1,12 @@
 """Figure 3: per transformer block, the cosine similarity between the fine-tuned and the pretrained
-Wq and Wv, for fine-tuning, LoRA (merged: W + s B A) and Delta-LoRA (W_T + s B_T A_T).
+Wq and Wv, for fine-tuning, LoRA (merged: W + s B A) and Delta-LoRA (W_T + s B_T A_T), and any
+other method whose run kept its weights.
 
     python -m deltalora_repro.figure3 --results results      # every task x model with saved runs
     python -m deltalora_repro.figure3 RUN_DIR [RUN_DIR ...] --out results/figures/figure3_e2e__gpt2-medium
 
-`make tables` runs the first after the tables. With --results, the latest completed ft, lora and
-delta-lora run of each task x model whose record points at saved weights go into
+`make tables` runs the first after the tables. With --results, the latest completed run of each
+method, for each task x model, whose record points at saved weights goes into
 RESULTS/figures/figure3_<task>__<model>.{csv,png}; runs without weights are passed over, so a
 results folder with none draws nothing. A run directory is a finished run's output_dir with
 `save_weights=true` (run.json and weights.safetensors). The pretrained weights are rebuilt the
@@ -43,23 +44,24 @@ def similarities(run_dir: Path) -> list[dict]:
     # torch and the model code load here, only when a run with weights is drawn: `make tables`
     # calls this command on every results folder, most of which hold no saved weights.
     import torch
-    from omegaconf import OmegaConf
 
     from .adapters import find_sites, weight_slice
-    from .export import load_trained, merge
-    from .models import load_backbone
-    from .tasks.base import build_task
+    from .build import backbone
+    from .export import load_trained, merge, read_run
+    from .tasks import build_task
 
     with torch.no_grad():
-        model, _, record = load_trained(run_dir)
-        merged = merge(model)
-        cfg = OmegaConf.create(record["config"])
+        _, cfg = read_run(run_dir)
+        # The pretrained model is loaded once: its Wq / Wv are kept, then the run is built on it.
         task = build_task(cfg.task, cfg.data_dir)
-        base, _, _ = load_backbone(cfg.model, task.head, seed=cfg.seed,
-                                   overrides=cfg.task.get("model_overrides"), **task.model_kwargs())
+        pretrained = backbone(cfg, task)
+        sites = find_sites(pretrained[0])
+        before = [weight_slice(pretrained[0].get_submodule(s.module_name), s).float().flatten().clone()
+                  for s in sites]
+        model, _, record = load_trained(run_dir, task=task, model=pretrained)
+        merged = merge(model)
         rows = []
-        for site in find_sites(base):
-            w0 = weight_slice(base.get_submodule(site.module_name), site).float().flatten()
+        for site, w0 in zip(sites, before):
             w1 = weight_slice(merged.get_submodule(site.module_name), site).float().flatten()
             stack, block = _block(site.module_name)
             rows.append({"run_id": record["run_id"], "task": record["task"], "model": record["model"],
@@ -110,8 +112,6 @@ def runs_with_weights(results_dir: Path) -> dict[tuple[str, str], list[Path]]:
         weights = Path((record.get("weights") or {}).get("path", ""))
         if not weights.is_file():
             continue
-        if record["method"] not in ("ft", "lora", "delta-lora"):
-            continue
         slot = found.setdefault((record["task"], record["model"]), {})
         if record["method"] not in slot or slot[record["method"]][0] < record["run_id"]:
             slot[record["method"]] = (record["run_id"], weights.parent)
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in written:
         print(f"wrote {path}")
     if args.results is not None and not written:
-        print(f"no Figure 3: no completed ft, lora or delta-lora run under {args.results / 'records'} "
+        print(f"no Figure 3: no completed run under {args.results / 'records'} "
               "has its saved weights (train with save_weights=true)")
     return 0
 

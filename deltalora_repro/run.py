@@ -16,13 +16,14 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from . import checkpoint, records
+from . import checkpoint, fastpath, records
+from .build import build
 from .errors import ConfigError, DataError
-from .methods import METHODS, build_method
-from .models import canonical_name, head_prefixes, load_backbone
-from .progress import progress_bars
-from .tasks.base import build_task
-from .train import Trainer, TrainingDiverged, TrainingInterrupted, total_steps
+from .methods import METHODS
+from .models import canonical_name
+from .progress import disable_flag, progress_bars
+from .train import Trainer, TrainingDiverged, TrainingInterrupted
+from .world import World
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,7 @@ def validate(cfg: Any) -> None:
     m, t = cfg.method, cfg.train
     if m.name not in METHODS:
         raise ConfigError(f"unknown method {m.name!r}; valid: {sorted(METHODS)}")
-    checks = [
-        ("method.rank", m.get("rank", 1), lambda v: isinstance(v, int) and v > 0, "a positive integer"),
-        ("method.alpha", m.get("alpha", 1), lambda v: v > 0, "> 0"),
-        ("method.lora_dropout", m.get("lora_dropout", 0.0), lambda v: 0 <= v < 1, "in [0, 1)"),
-        ("method.update_ratio", m.get("update_ratio", 0.0), lambda v: v >= 0, ">= 0"),
-        ("method.start_steps", m.get("start_steps", 0), lambda v: isinstance(v, int) and v >= 0,
-         "an integer >= 0"),
+    checks = METHODS[m.name].config_checks(m) + [
         ("train.lr", t.lr, lambda v: v > 0, "> 0"),
         ("train.batch_size", t.batch_size, lambda v: isinstance(v, int) and v > 0, "a positive integer"),
         ("train.grad_accum", t.grad_accum, lambda v: isinstance(v, int) and v > 0, "a positive integer"),
@@ -87,11 +82,6 @@ def validate(cfg: Any) -> None:
                     "an integer >= 0"),
                    ("task.decoding.length_penalty", d.length_penalty,
                     lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number")]
-    if m.name == "adalora":
-        from .methods.adalora import schedule_checks
-        checks.append(("method.target_rank", m.target_rank,
-                       lambda v: isinstance(v, int) and 0 < v <= m.rank, f"in 1..{m.rank}"))
-        checks += schedule_checks(m)          # the task's budget schedule (task.adalora)
     for key, value, ok, want in checks:
         try:
             good = ok(value)
@@ -102,9 +92,7 @@ def validate(cfg: Any) -> None:
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by train.grad_accum "
                           f"{t.grad_accum}")
-    from .train import compile_scope
-    compile_scope(t)                       # train.compile: a clear error before loading anything
-    from .progress import disable_flag
+    fastpath.compile_scope(t)              # train.compile: a clear error before loading anything
     disable_flag(t.get("progress", "auto"))   # train.progress: auto | true | false
     if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
         raise ConfigError(f"data_dir {cfg.data_dir!r} is not a directory")
@@ -218,27 +206,21 @@ def run(cfg: Any) -> dict:
     trainer = None
     saved: dict = {}             # the last checkpoint written: {"path", "step"}
     try:
-        torch.manual_seed(cfg.seed)
-        task = build_task(cfg.task, cfg.data_dir)
-        task.load()                                   # missing data fails here, before the model
+        built = build(cfg)                # missing data fails in here, before the model loads
+        task, method, heads, n_total = built.task, built.method, built.heads, built.total_steps
         record["data"] = task.describe()
-        model, tokenizer, applied = load_backbone(cfg.model, task.head, seed=cfg.seed,
-                                                  overrides=cfg.task.get("model_overrides"),
-                                                  **task.model_kwargs())
-        record["model_overrides_applied"] = applied
-        task.prepare(tokenizer)
-        n_total = total_steps(tcfg, len(task.train_examples()))
-        method = build_method(cfg.method, n_total)
+        record["model_overrides_applied"] = built.overrides_applied
         record["method_settings"] = method.record_fields()
         record["warnings"] = method.run_warnings()
         for warning in record["warnings"]:
             log.warning("%s", warning)
-        heads = head_prefixes(model) if task.head == "classification" else []
-        model = method.apply(model, heads).to(device)
+        model = built.model.to(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         train_cfg = OmegaConf.merge(tcfg, {"precision": precision})
-        trainer = Trainer(model, method, task, train_cfg, device, cfg.seed, n_total)
+        world = World.single(device)
+        trainer = Trainer(model, method, task, train_cfg, world, cfg.seed, n_total,
+                          fastpath.resolve(train_cfg, device, method))
         output_dir.mkdir(parents=True, exist_ok=True)
         if resume_from is not None:
             trainer.load_state_dict(resume_from.load_state(device))
@@ -310,9 +292,7 @@ def run(cfg: Any) -> dict:
 def _evaluate_and_save(cfg, record, trainer, task, model, method, device, output_dir, results_dir,
                    run_id) -> dict:
     """After training: the test set, the metrics and the weights, into the record."""
-    from .train import compile_scope
-    record["fast_path"] = {"cuda_graph": trainer.use_graphs, "compile": compile_scope(trainer.cfg),
-                           "delta_update": getattr(method, "mode", None)}
+    record["fast_path"] = {**trainer.fast.describe(), "delta_update": method.update_mode}
     primary = task.metric
     pick = max if task.metric_mode == "max" else min
     best = pick(trainer.evals, key=lambda e: e[primary])

@@ -31,65 +31,32 @@ import torch
 
 from . import records
 
-DEFAULT_PROCEDURES = {"e2e": ("paper", "official"), "webnlg": ("paper",)}
 
 
 class ScoreRunError(Exception):
     """Bad arguments or inputs; main() prints it and exits with status 2."""
 
 
-def score_predictions(task: str, rows: list[dict]) -> dict:
-    """XSum's ROUGE scores (XSum has one way of scoring, no named procedures)."""
-    if task != "xsum":
-        raise ScoreRunError(f"run task {task!r} is scored per procedure; see score_procedures")
-    from .metrics.xsum import xsum_rouge
-    return xsum_rouge([r["prediction"] for r in rows], [r["reference"] for r in rows])
+def _task_class(run: dict):
+    """The run's task family (registered in tasks/), which scores its kept outputs."""
+    from .tasks import task_class
+    family = ((run.get("config") or {}).get("task") or {}).get("family") or run["task"]
+    try:
+        cls = task_class(family)
+    except Exception as exc:
+        raise ScoreRunError(str(exc)) from None
+    if not cls.decodes:
+        raise ScoreRunError(f"run task {run['task']!r} has no decoded outputs to score (tasks "
+                            "that decode: e2e, webnlg, xsum)")
+    return cls
 
 
-def score_procedures(task: str, rows: list[dict], names: list[str], data_dir: str | None) -> dict[str, dict]:
-    """{procedure: metrics} of the kept predictions of an E2E or WebNLG run."""
-    preds = [r["prediction"] for r in rows]
-    refs = [r["references"] for r in rows]
-    if task == "e2e":
-        from .metrics.e2e import official_test_references, score_test_procedures
-        raw = None
-        if any(name == "official" for name in names):
-            try:
-                raw, _ = official_test_references(data_dir)
-            except (OSError, ValueError) as exc:
-                raise ScoreRunError(f"{exc} (pass --data-dir, the folder of the official E2E CSVs)") from None
-        try:
-            return score_test_procedures(preds, refs, [r["group"] for r in rows], raw, names)["procedures"]
-        except ValueError as exc:
-            raise ScoreRunError(str(exc)) from None
-    from .metrics.webnlg import get_procedure, webnlg_metrics_by_split
-    seen = [bool(r["seen"]) for r in rows]
-    return {name: webnlg_metrics_by_split(preds, refs, seen, lora_preprocess=get_procedure(name).lora_preprocess)
-            for name in names}
-
-
-def _valid_procedures(task: str) -> tuple[str, ...]:
-    if task == "e2e":
-        from .metrics.e2e import PROCEDURES
-    else:
-        from .metrics.webnlg import PROCEDURES
-    return tuple(PROCEDURES)
-
-
-def _description(task: str, name: str) -> str:
-    if task == "e2e":
-        from .metrics.e2e import LEGACY, LEGACY_DESCRIPTION, PROCEDURES
-        return LEGACY_DESCRIPTION if name == LEGACY else PROCEDURES[name].description
-    from .metrics.webnlg import PROCEDURES
-    return PROCEDURES[name].description
-
-
-def _existing_procedures(task: str, old: dict) -> dict[str, dict]:
+def _existing_procedures(cls, task: str, old: dict) -> dict[str, dict]:
     """The procedures of an existing score record, each with its own provenance."""
     if "procedures" in old:
         return dict(old["procedures"])
     # Written before procedures had names: one set of metrics, provenance at the top level.
-    return {name: {"metrics": metrics, "description": _description(task, name), "git": old.get("git"),
+    return {name: {"metrics": metrics, "description": cls.describe_procedure(name), "git": old.get("git"),
                    "command": old.get("command"), "scored_at": old.get("scored_at")}
             for name, metrics in records.scores_by_procedure(task, old.get("metrics", {})).items()}
 
@@ -125,17 +92,16 @@ def _main(args, argv: list[str]) -> int:
                                 "<method>/; say where its results folder is with --results")
         args.results = Path(*parts[:-5])
     task = run["task"]
-    if task not in ("e2e", "webnlg", "xsum"):
-        raise ScoreRunError(f"run task {task!r} has no decoded outputs to score (e2e, webnlg, xsum)")
+    cls = _task_class(run)
     names: list[str] = []
-    if task != "xsum":
-        valid = _valid_procedures(task)
-        names = args.procedures.split(",") if args.procedures else list(DEFAULT_PROCEDURES[task])
+    if cls.procedures:
+        valid = cls.procedures
+        names = args.procedures.split(",") if args.procedures else list(cls.default_procedures)
         unknown = [n for n in names if n not in valid]
         if unknown:
             raise ScoreRunError(f"unknown {task} procedure(s) {unknown}; valid: {', '.join(valid)}")
     elif args.procedures:
-        raise ScoreRunError("XSum has no named scoring procedures; drop --procedures")
+        raise ScoreRunError(f"{task} has no named scoring procedures; drop --procedures")
     pred_file = args.predictions or (
         args.results / run["predictions"] if run.get("predictions")
         else Path(run["output_dir"]) / "predictions.jsonl")
@@ -159,12 +125,12 @@ def _main(args, argv: list[str]) -> int:
     git = records.git_state()
     out = {"kind": "score", "run_id": run["run_id"], "task": task, "model": run["model"],
            "method": run["method"]}
-    if task == "xsum":
+    if not cls.procedures:
         if old is not None:
             raise ScoreRunError(f"{dst} exists: this run is scored")
-        out["metrics"] = score_predictions(task, rows)
+        out["metrics"] = cls.score(rows)
     else:
-        procedures = _existing_procedures(task, old) if old is not None else {}
+        procedures = _existing_procedures(cls, task, old) if old is not None else {}
         # A run scored when it ran (task.score=true) keeps its scores in its own record.
         in_run = records.scores_by_procedure(task, (run.get("metrics") or {}).get("final") or {})
         missing = [n for n in names if n not in procedures and n not in in_run]
@@ -172,8 +138,13 @@ def _main(args, argv: list[str]) -> int:
             print(f"run {run['run_id']} is already scored with procedure(s) {', '.join(names)}", file=sys.stderr)
             return 0
         data_dir = args.data_dir or (run.get("config") or {}).get("data_dir")
-        for name, metrics in score_procedures(task, rows, missing, data_dir).items():
-            procedures[name] = {"metrics": metrics, "description": _description(task, name),
+        try:
+            scored = cls.score(rows, missing, data_dir)["procedures"]
+        except (OSError, ValueError) as exc:
+            raise ScoreRunError(f"{exc} (the official E2E procedure reads testset_w_refs.csv: pass "
+                                "--data-dir, the folder of the official E2E CSVs)") from None
+        for name, metrics in scored.items():
+            procedures[name] = {"metrics": metrics, "description": cls.describe_procedure(name),
                                 "git": git, "command": command, "scored_at": now}
         # The reported numbers are the paper procedure's when scored, never the legacy ones.
         primary = next(n for n in ("paper", "official") if n in procedures)

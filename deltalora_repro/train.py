@@ -1,22 +1,13 @@
-"""The training loop: short and explicit; everything method-specific happens in the method's hooks.
+"""The training loop: short and explicit; everything method-specific happens in the method's hooks,
+everything GPU-specific in the fast path (fastpath.py), resolved once before the loop starts.
 
 Hot path rules (see README "Speed"): no .item() or other host synchronisation per step (the
 running loss stays on the device and is read only every `log_every` steps), batches padded to
 buckets so few shapes occur, and the Delta-LoRA update runs for all layers in one hook call.
 
-Two ways to run a step, chosen by `train.cuda_graph`:
-- plain: forward, backward, AdamW, scheduler and the method's hooks, launched kernel by kernel.
-  This is the reference.
-- graph (CUDA only): the whole optimizer step (forward, backward, gradient clipping, AdamW and
-  zeroing the gradients) is recorded once per batch shape as one CUDA graph and replayed, so a
-  step costs one launch instead of thousands. At the paper's batch sizes the plain step is bound
-  by those launches (README "Speed"). The same kernels run on the same data in the same order;
-  AdamW runs in its capturable form (step count and learning rate live on the device).
-  tests/test_fast_path.py compares both paths step by step.
-
-On top of the graph path, `train.compile=blocks` (the default `auto` picks it whenever the graph
-path is taken) compiles each repeated transformer block, so the recorded step runs inductor's
-fused kernels; evaluation and decoding run those blocks eagerly (`Trainer.eager`).
+One optimizer step: `forward_backward` for each micro-batch, then `optimizer_step` (divergence
+flag, clipping, AdamW); the scheduler and the method's hooks around it. On the CUDA-graph path the
+same `body` (one micro-batch) is what a recorded graph replays.
 """
 from __future__ import annotations
 
@@ -29,13 +20,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from omegaconf import OmegaConf
 from transformers import get_linear_schedule_with_warmup
 
+from . import fastpath
 from .errors import ConfigError
+from .fastpath import FastPath, GraphSteps
 from .methods import Method
 from .progress import Board, bar
 from .tasks.base import Task
+from .world import World
 
 log = logging.getLogger(__name__)
 
@@ -90,62 +83,32 @@ def autocast(device: torch.device, precision: str):
 class Trainer:
     """Holds the run's mutable state so that it can be checkpointed and resumed exactly."""
 
-    def __init__(self, model, method: Method, task: Task, cfg: Any, device: torch.device,
-                 seed: int, n_total_steps: int):
-        self.model, self.method, self.task, self.cfg, self.device = model, method, task, cfg, device
+    def __init__(self, model, method: Method, task: Task, cfg: Any, world: World, seed: int,
+                 n_total_steps: int, fast: FastPath | None = None):
+        self.model, self.method, self.task, self.cfg, self.world = model, method, task, cfg, world
+        self.device = device = world.device
         if cfg.batch_size % cfg.grad_accum:
             raise ConfigError(f"train.batch_size {cfg.batch_size} is not divisible by "
                               f"train.grad_accum {cfg.grad_accum}")
         self.micro_batch = cfg.batch_size // cfg.grad_accum
         self.total_steps = n_total_steps
-        fused = device.type == "cuda"
-        self.use_graphs = graph_path(cfg, device, method)
-        if compile_scope(cfg) == "auto":
-            # Compiled blocks inside the recorded step is the fastest GPU path measured (README
-            # "Speed"); without graphs (CPU, DyLoRA, AdaLoRA, grad_accum > 1) nothing is compiled.
-            resolved = "blocks" if self.use_graphs else False
-            log.info("train.compile=auto: %s", "blocks" if resolved else "false (no CUDA-graph step)")
-            cfg = self.cfg = OmegaConf.merge(cfg, {"compile": resolved})
-        if self.use_graphs:
+        self.fast = fast if fast is not None else fastpath.resolve(cfg, device, method)
+        if self.fast.cuda_graph:
             # Capturable AdamW: the step count and the learning rate are device tensors, so the
             # recorded step reads their current values (the scheduler fills the lr tensor in place).
             opt_kwargs = {"fused": True, "capturable": True}
             lr = torch.tensor(float(cfg.lr), device=device)
         else:
-            opt_kwargs = {"fused": True} if fused else {"foreach": True}
+            opt_kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
             lr = cfg.lr
         self.optimizer = torch.optim.AdamW(
             param_groups(model, cfg.weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8,
             **opt_kwargs)
-        self._graphs: dict[tuple, _StepGraph] = {}
-        self._graph_phase = None
-        self._graph_pool = None
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(
             cfg.warmup_ratio * n_total_steps)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, n_total_steps)
-        # Fast path (train.compile): forward + backward through torch.compile. Batches are padded
-        # to buckets, so with mode=reduce-overhead each bucket gets one CUDA graph. The plain path
-        # stays the reference; tests/test_fast_path.py checks both give the same numbers.
-        self.loss_fn = task.loss
-        scope = compile_scope(cfg)
-        mode = cfg.compile_mode if cfg.compile_backend == "inductor" else None
-        options = dict(cfg.get("compile_options") or {}) or None
-        if options and mode:
-            raise ConfigError("train.compile_mode and train.compile_options cannot both be set "
-                              "(torch.compile takes one or the other)")
-        if scope == "model":
-            self.loss_fn = torch.compile(task.loss, backend=cfg.compile_backend, mode=mode,
-                                         dynamic=cfg.compile_dynamic, options=options)
-        elif scope == "blocks":
-            # Regional compilation: each repeated block (a transformer layer) is compiled, once
-            # for all layers of its class, and the rest stays eager. Compiles in a fraction of the
-            # whole model's time and fuses what costs most at small batches: the many small
-            # elementwise kernels (norms, casts, bias, activation, residuals, LoRA scaling) of
-            # every layer, forward and backward. Under train.cuda_graph the compiled kernels are
-            # recorded in the step graph like any others.
-            n = compile_blocks(model, backend=cfg.compile_backend, mode=mode,
-                               dynamic=cfg.compile_dynamic, options=options)
-            log.info("train.compile=blocks: compiled %d repeated blocks", n)
+        self.loss_fn = self.fast.wrap_loss(task.loss, model)
+        self.graphs: GraphSteps | None = None       # created by start() on the graph path
         # The data order depends on the seed alone and is restored on resume: each epoch's
         # permutation is drawn from the generator state at the epoch's start (kept, so that a
         # mid-epoch resume draws the same permutation and skips the steps already done).
@@ -163,6 +126,10 @@ class Trainer:
         # Set by a SIGINT/SIGTERM handler (signal number); acted on at the next step boundary.
         self.stop_signal: int | None = None
         self.in_loop = False
+
+    @property
+    def use_graphs(self) -> bool:
+        return self.fast.cuda_graph
 
     # -- checkpointing ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -223,32 +190,52 @@ class Trainer:
             yield [self.task.collate([examples[j] for j in chunk[k:k + self.micro_batch]])
                    for k in range(0, len(chunk), self.micro_batch)]
 
-    def train_step(self, micro_batches: list[dict]) -> torch.Tensor:
-        """One optimizer step; returns the loss as a device tensor (never read here: no sync)."""
-        if self.use_graphs:
-            return self._graph_step(micro_batches)
-        cfg, model, device = self.cfg, self.model, self.device
-        self.method.on_step_start(self.step)
-        total = torch.zeros((), device=device)
-        for batch in micro_batches:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with autocast(device, cfg.precision):
-                loss = self.loss_fn(model, batch)
-                extra = self.method.extra_loss(model)
-                if extra is not None:
-                    loss = loss + extra
-            (loss / len(micro_batches)).backward()
-            total += loss.detach() / len(micro_batches)
-        self._fold_nonfinite(total)
-        if cfg.max_grad_norm:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm, foreach=True)
+    def forward_backward(self, batch: dict[str, torch.Tensor], n_micro: int = 1) -> torch.Tensor:
+        """The task's loss plus the method's extra term, and its backward (scaled by 1/n_micro
+        under gradient accumulation); returns the loss, detached."""
+        with autocast(self.device, self.cfg.precision):
+            loss = self.loss_fn(self.model, batch)
+            extra = self.method.extra_loss(self.model)
+            if extra is not None:
+                loss = loss + extra
+        (loss / n_micro if n_micro > 1 else loss).backward()
+        return loss.detach()
+
+    def optimizer_step(self, loss: torch.Tensor) -> None:
+        """Fold the step's loss (and gradient norm) into the divergence flag, clip, AdamW."""
+        self._fold_nonfinite(loss)
+        if self.cfg.max_grad_norm:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm, foreach=True)
             self._fold_nonfinite(norm)
         self.optimizer.step()
+
+    def body(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One whole step of one micro-batch, gradients cleared at its end: what a CUDA graph
+        records (clearing inside the graph keeps gradients alive only during a replay, so every
+        shape's graph can share one memory pool)."""
+        loss = self.forward_backward(batch)
+        self.optimizer_step(loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def train_step(self, micro_batches: list[dict]) -> torch.Tensor:
+        """One optimizer step; returns the loss as a device tensor (never read here: no sync)."""
+        self.method.on_step_start(self.step)
+        if self.graphs is not None:
+            loss = self.graphs.run(micro_batches)
+        else:
+            n = len(micro_batches)
+            loss = torch.zeros((), device=self.device)
+            for batch in micro_batches:
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                loss += self.forward_backward(batch, n) / n
+            self.optimizer_step(loss)
         self.scheduler.step()
         self.step += 1
         self.method.after_optimizer_step(self.step)   # e.g. Delta-LoRA's W update
-        self.optimizer.zero_grad(set_to_none=True)
-        return total
+        if self.graphs is None:
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss
 
     def _fold_nonfinite(self, value: torch.Tensor) -> None:
         """flag |= not finite(value), on the device and in place: no sync, capturable."""
@@ -263,96 +250,9 @@ class Trainer:
             raise TrainingDiverged(self.checked_step + 1, self.step)
         self.checked_step = self.step
 
-    # -- the graph path ---------------------------------------------------------------------------
-    def _step_body(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Forward, backward, clip, AdamW, zero grads: what one CUDA graph records."""
-        with autocast(self.device, self.cfg.precision):
-            loss = self.loss_fn(self.model, batch)
-            extra = self.method.extra_loss(self.model)
-            if extra is not None:
-                loss = loss + extra
-        loss.backward()
-        self._fold_nonfinite(loss.detach())
-        if self.cfg.max_grad_norm:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm, foreach=True)
-            self._fold_nonfinite(norm)
-        self.optimizer.step()
-        # Inside the graph, so that the gradients live only during a replay and every shape's
-        # graph can share one memory pool.
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    def _graph_step(self, micro_batches: list[dict]) -> torch.Tensor:
-        (batch,) = micro_batches          # graph_path() guarantees grad_accum == 1
-        self.method.on_step_start(self.step)
-        phase = self.method.graph_phase()
-        if phase != self._graph_phase:
-            # The method's step changed (Delta-LoRA's deferred sum began): record anew.
-            self._graphs.clear()
-            self._graph_phase = phase
-        key = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(batch.items()))
-        entry = self._graphs.get(key)
-        if entry is None:
-            entry = self._graphs[key] = self._capture(batch)
-        for k, v in batch.items():
-            entry.inputs[k].copy_(v.pin_memory(), non_blocking=True)
-        entry.graph.replay()
-        self.scheduler.step()
-        self.step += 1
-        self.method.after_optimizer_step(self.step)
-        return entry.loss.clone()
-
-    def _snapshot(self) -> tuple:
-        params = [p.detach().clone() for p in self.params]
-        state = {p: {k: v.clone() for k, v in self.optimizer.state[p].items()}
-                 for p in self.params if p in self.optimizer.state}
-        return (params, state, torch.get_rng_state(), torch.cuda.get_rng_state(self.device),
-                self.nonfinite.clone())
-
-    @torch.no_grad()
-    def _restore(self, snap: tuple) -> None:
-        params, state, cpu_rng, cuda_rng, nonfinite = snap
-        self.nonfinite.copy_(nonfinite)
-        torch._foreach_copy_(self.params, params)
-        for p in self.params:
-            for k, v in self.optimizer.state.get(p, {}).items():
-                # AdamW's fresh state is all zeros (step, exp_avg, exp_avg_sq).
-                v.copy_(state[p][k]) if p in state else v.zero_()
-        torch.set_rng_state(cpu_rng)
-        torch.cuda.set_rng_state(cuda_rng, self.device)
-
-    def _capture(self, batch: dict[str, torch.Tensor]) -> "_StepGraph":
-        """Record one step for this batch shape. Two warm-up steps on a side stream initialise
-        what is created lazily (cuBLAS workspaces, AdamW state, autograd streams); everything they
-        change (parameters, optimizer state, random state) is restored before recording, so the
-        run's numbers do not depend on when shapes are first seen."""
-        inputs = {k: v.to(self.device) for k, v in batch.items()}
-        snap = self._snapshot()
-        side = self._side                 # one stream for every capture: one cuBLAS workspace
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._step_body(inputs)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        self._restore(snap)
-        graph = torch.cuda.CUDAGraph()
-        # Compiled blocks were compiled for this shape by the warm-up; a recompilation here would
-        # run inside the capture, which CUDA refuses with an unhelpful error. Fail clearly instead.
-        no_recompile = (torch.compiler.set_stance("fail_on_recompile")
-                        if compile_scope(self.cfg) == "blocks" else contextlib.nullcontext())
-        with no_recompile, torch.cuda.graph(graph, pool=self._graph_pool, stream=side):
-            loss = self._step_body(inputs)
-        log.info("recorded a CUDA graph for batch shape %s (%d so far)",
-                 {k: tuple(v.shape) for k, v in batch.items()}, len(self._graphs) + 1)
-        return _StepGraph(graph, inputs, loss)
-
     def eager(self):
-        """Run compiled blocks as plain eager code: evaluation and decoding. Their shapes (eval
-        batches, one-token decode steps with a KV cache) are not the training step's, would only
-        pile up recompilations (dynamo stops at its recompile limit and warns), and gain little."""
-        if compile_scope(self.cfg) in ("blocks", "model"):
-            return torch.compiler.set_stance("force_eager")
-        return contextlib.nullcontext()
+        """Compiled code runs eagerly inside (evaluation, decoding): FastPath.eager."""
+        return self.fast.eager()
 
     def evaluate(self) -> dict:
         self.model.eval()
@@ -369,12 +269,10 @@ class Trainer:
         """Set-up that needs the model on its device (idempotent)."""
         if not getattr(self, "_started", False):
             self.params = [p for p in self.model.parameters() if p.requires_grad]
-            graphs = None
-            if self.use_graphs:
-                self._side = torch.cuda.Stream(self.device)
-                self._graph_pool = torch.cuda.graph_pool_handle()
-                graphs = (self._side, self._graph_pool)
-            self.method.on_train_start(self.device, self.cfg, graphs)
+            if self.fast.cuda_graph:
+                self.graphs = GraphSteps(self, self.fast)
+            graphs = (self.graphs.stream, self.graphs.pool) if self.graphs is not None else None
+            self.method.on_train_start(self.world, self.fast, graphs)
             self._started = True
 
     def fit(self, save: Callable[["Trainer"], None] | None = None,
@@ -495,91 +393,3 @@ def batch_tokens(micro_batches: list[dict]) -> int:
         mask = batch.get("attention_mask")
         n += int(mask.numpy().sum()) if mask is not None else batch["input_ids"].numel()
     return n
-
-
-class _StepGraph:
-    """One recorded optimizer step: the graph, its static input buffers and its loss output."""
-
-    def __init__(self, graph, inputs: dict[str, torch.Tensor], loss: torch.Tensor):
-        self.graph, self.inputs, self.loss = graph, inputs, loss
-
-
-def graph_path(cfg: Any, device: torch.device, method: Method) -> bool:
-    """Whether this run takes the CUDA-graph path (train.cuda_graph: auto | true | false).
-
-    auto takes it whenever it applies and says so in the log; true demands it and names what
-    stands in the way; false keeps the plain path."""
-    choice = cfg.get("cuda_graph", False)
-    if choice not in (True, False, "auto"):
-        raise ConfigError(f"train.cuda_graph {choice!r}; valid: auto, true, false")
-    if choice is False:
-        return False
-    reasons = []
-    if device.type != "cuda":
-        reasons.append(f"it needs a CUDA device (this run uses {device.type})")
-    if cfg.grad_accum != 1:
-        reasons.append(f"it records whole steps of one micro-batch (train.grad_accum={cfg.grad_accum})")
-    if not method.graph_safe:
-        reasons.append(f"method {method.name!r} changes the computation from step to step on the "
-                       "host (graph-safe methods: " + ", ".join(sorted(graph_safe_methods())) + ")")
-    scope = compile_scope(cfg)
-    if scope == "model":
-        reasons.append("train.compile=true compiles the whole step's forward (use "
-                       "train.compile=blocks with CUDA graphs)")
-    if scope in ("blocks", "auto") and \
-            cfg.get("compile_mode") not in (None, "default", "max-autotune-no-cudagraphs"):
-        reasons.append(f"train.compile_mode={cfg.compile_mode} records CUDA graphs of its own "
-                       "(valid with CUDA graphs: null, default, max-autotune-no-cudagraphs)")
-    if reasons:
-        if choice is True:
-            raise ConfigError("train.cuda_graph=true cannot be used: " + "; ".join(reasons))
-        log.info("plain step (train.cuda_graph=auto): %s", "; ".join(reasons))
-        return False
-    log.info("CUDA-graph step: one graph per batch shape (train.cuda_graph=%s)", choice)
-    return True
-
-
-COMPILE_CHOICES = ("auto", "false", "true", "model", "blocks")
-
-
-def compile_scope(cfg: Any) -> str | None:
-    """train.compile: false | true (= model: the whole loss function) | blocks (each repeated
-    transformer block) | auto (blocks when the step is recorded as a CUDA graph, else false;
-    resolved by the Trainer, which writes the outcome back into its config). Returns None,
-    "model", "blocks" or "auto"."""
-    choice = cfg.get("compile", False)
-    key = str(choice).lower() if isinstance(choice, (bool, str)) else None
-    if key not in COMPILE_CHOICES:
-        raise ConfigError(f"train.compile {choice!r}; valid: {', '.join(COMPILE_CHOICES)}")
-    return {"false": None, "true": "model", "model": "model", "blocks": "blocks", "auto": "auto"}[key]
-
-
-def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The elements of every ModuleList of two or more modules of one class (transformer layers:
-    GPT-2's `h`, Llama's `layers`, BERT's `layer`, BART's encoder and decoder `layers`),
-    outermost lists only."""
-    blocks, inside = [], set()
-    for name, module in model.named_modules():
-        if any(name.startswith(p + ".") for p in inside):
-            continue
-        if isinstance(module, torch.nn.ModuleList) and len(module) >= 2 and \
-                len({type(m) for m in module}) == 1:
-            blocks.extend(module)
-            inside.add(name)
-    return blocks
-
-
-def compile_blocks(model: torch.nn.Module, backend: str, mode: str | None, dynamic,
-                   options: dict | None = None) -> int:
-    blocks = repeated_blocks(model)
-    if not blocks:
-        raise ConfigError(f"train.compile=blocks: {type(model).__name__} has no repeated blocks "
-                          "(no ModuleList of same-class layers); use train.compile=true")
-    for block in blocks:
-        block.compile(backend=backend, mode=mode, dynamic=dynamic, options=options)
-    return len(blocks)
-
-
-def graph_safe_methods() -> list[str]:
-    from .methods.base import METHODS
-    return [n for n, m in METHODS.items() if m.graph_safe]

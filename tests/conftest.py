@@ -5,14 +5,12 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from deltalora_repro.methods import build_method
-from deltalora_repro.models import head_prefixes, load_backbone
-from deltalora_repro.tasks.base import build_task
-from deltalora_repro.train import Trainer, total_steps
+from deltalora_repro.build import build as build_run
+from deltalora_repro.train import Trainer
+from deltalora_repro.world import World
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "deltalora_repro" / "configs"
@@ -41,15 +39,9 @@ SMALL = ["data_dir=" + str(GLUE), "task=glue/rte", "task.train_max_examples=48",
 
 
 def build(cfg, device: str = "cpu", precision: str = "fp32"):
-    """(task, model, method, trainer) for a config, as run() builds them."""
-    torch.manual_seed(cfg.seed)
-    task = build_task(cfg.task, cfg.data_dir)
-    task.load()
-    model, tok, _ = load_backbone(cfg.model, task.head, seed=cfg.seed, **task.model_kwargs())
-    task.prepare(tok)
-    n = total_steps(cfg.train, len(task.train_examples()))
-    method = build_method(cfg.method, n)
-    heads = head_prefixes(model) if task.head == "classification" else []
-    model = method.apply(model, heads).to(device)
+    """(task, model, method, trainer) for a config, built by the run's own build()."""
+    b = build_run(cfg)
+    model = b.model.to(device)
     tcfg = OmegaConf.merge(cfg.train, {"precision": precision})
-    return task, model, method, Trainer(model, method, task, tcfg, torch.device(device), cfg.seed, n)
+    trainer = Trainer(model, b.method, b.task, tcfg, World.single(device), cfg.seed, b.total_steps)
+    return b.task, model, b.method, trainer

@@ -73,7 +73,7 @@ def _cases(fixtures: Path) -> dict[str, tuple[list[str], str]]:
         "missing data_dir": ([*main, "model=tiny-roberta", "data_dir=/nonexistent/glue"],
                              "data_dir '/nonexistent/glue' is not a directory"),
         "delta-lora update mode": ([*main, *TINY, "method=delta-lora", "method.update=later"],
-                                   "valid: auto, explicit, deferred"),
+                                   "one of auto, explicit, deferred"),
         "adalora target above rank": ([*main, *TINY, "method=adalora", "method.target_rank=99"],
                                       "method.target_rank must be in 1..8"),
         "e2e beams 0": ([*main, "task=e2e", "model=tiny-gpt2", f"data_dir={E2E}",

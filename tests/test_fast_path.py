@@ -48,7 +48,7 @@ def test_graph_path_is_chosen_only_where_it_applies():
     from omegaconf import OmegaConf
     from deltalora_repro.errors import ConfigError
     from deltalora_repro.methods import build_method
-    from deltalora_repro.train import graph_path
+    from deltalora_repro.fastpath import graph_path
     base = {"grad_accum": 1, "compile": False}
     lora = build_method(OmegaConf.create({"name": "lora"}), 10)
     dylora = build_method(OmegaConf.create({"name": "dylora"}), 10)
@@ -81,7 +81,7 @@ def test_graph_path_is_chosen_only_where_it_applies():
 
 def test_compile_blocks_finds_the_transformer_layers():
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
-    from deltalora_repro.train import repeated_blocks
+    from deltalora_repro.fastpath import repeated_blocks
     gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=3, n_embd=32, n_head=2))
     assert repeated_blocks(gpt2) == list(gpt2.transformer.h)
     bart = AutoModelForSeq2SeqLM.from_config(AutoConfig.for_model(
@@ -192,7 +192,7 @@ def test_graph_step_alone_matches_plain_step_on_e2e(tmp_path, method):
     args = [*TINY_E2E, *METHOD_ARGS[method], "train.compile=false"]
     plain, ref = _fit_on("cuda", tmp_path / "p", [*args, "train.cuda_graph=false"])
     graph, got = _fit_on("cuda", tmp_path / "g", [*args, "train.cuda_graph=true"])
-    assert graph.use_graphs and not plain.use_graphs and len(graph._graphs) >= 3
+    assert graph.use_graphs and not plain.use_graphs and len(graph.graphs) >= 3
     _assert_same_training(ref, got, plain.evals, graph.evals, 1e-5)
     w = "transformer.h.0.attn.c_attn" + (".weight" if method == "ft-qv" else ".base.weight")
     assert torch.equal(ref[w], plain.initial[w]) == (method == "lora")   # W moved where it should
@@ -227,7 +227,7 @@ def test_graph_step_with_compiled_blocks_matches_plain_step_on_e2e(tmp_path, met
             "++model.config.embd_pdrop=0.0"]
     plain, ref = _fit_on("cuda", tmp_path / "p", [*args, "train.cuda_graph=false", "train.compile=false"])
     fast, got = _fit_on("cuda", tmp_path / "g", [*args, "train.cuda_graph=true", "train.compile=blocks"])
-    assert fast.use_graphs and len(fast._graphs) >= 3
+    assert fast.use_graphs and len(fast.graphs) >= 3
     _assert_same_training(ref, got, plain.evals, fast.evals, 1e-4)
 
 
@@ -247,7 +247,7 @@ def test_deferred_update_matches_explicit_update_on_gpu(tmp_path, precision, lr,
             *SMALL, "device=cuda", "train.epochs=2"]
     explicit, ref = _fit_on("cuda", tmp_path / "e", [*args, "method.update=explicit"], precision)
     deferred, got = _fit_on("cuda", tmp_path / "d", [*args, "method.update=deferred"], precision)
-    assert explicit.method.mode == "explicit" and deferred.method.mode == "deferred"
+    assert explicit.method.update_mode == "explicit" and deferred.method.update_mode == "deferred"
     skip = {n for n in ref if "prev_" in n}   # the snapshot: last step's factors vs step K's
     for name, t in ref.items():
         if name not in skip:

@@ -260,11 +260,12 @@ def test_delta_lora_updates_once_per_optimizer_step_under_accumulation(tmp_path)
 def test_delta_lora_keeps_w_float32_under_bf16_autocast(tmp_path):
     from omegaconf import OmegaConf
     from deltalora_repro.train import Trainer
+    from deltalora_repro.world import World
     cfg = make_cfg("model=tiny-roberta", "method=delta-lora", "method.start_steps=0", "train.lr=1e-2",
                    *SMALL, tmp_path=tmp_path)
     task, model, method, _ = build(cfg)
     trainer = Trainer(model, method, task, OmegaConf.merge(cfg.train, {"precision": "bf16"}),
-                      torch.device("cpu"), 0, 6)
+                      World.single("cpu"), 0, 6)
     before = [w.detach().clone() for *_, w in slices_of(model)]
     trainer.fit()
     for (layer, i, w), w0 in zip(slices_of(model), before):
@@ -286,7 +287,7 @@ def test_delta_lora_deferred_update_equals_explicit_update(model_name, tmp_path)
         task, model, method, trainer = build(cfg)
         w0 = [w.detach().clone() for *_, w in slices_of(model)]
         trainer.fit()
-        assert method.mode == update and trainer.step == 6
+        assert method.update_mode == update and trainer.step == 6
         assert any((w.detach() - a).norm() > 1e-4 for (*_, w), a in zip(slices_of(model), w0))
         out[update] = ({n: t.detach().clone() for n, t in model.state_dict().items()}, trainer.evals)
     (ref, ref_evals), (got, got_evals) = out["explicit"], out["deferred"]

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from deltalora_repro import checkpoint
-from deltalora_repro import run as run_module
+from deltalora_repro import build as build_module
 from deltalora_repro import train as train_module
 from deltalora_repro.errors import ConfigError
 from deltalora_repro.run import run
@@ -144,7 +144,7 @@ def test_resume_with_changed_settings_is_refused_before_the_model_loads(tmp_path
     def no_model(*a, **k):
         raise AssertionError("the model must not be loaded")
     with monkeypatch.context() as m:
-        m.setattr(run_module, "load_backbone", no_model)
+        m.setattr(build_module, "load_backbone", no_model)
         with pytest.raises(ConfigError) as info:
             run(cfg_of(tmp_path / "b", "method=lora", "train.epochs=3", "train.lr=1e-3", "seed=1",
                        f"resume={out}"))
@@ -191,7 +191,7 @@ def test_damaged_checkpoints_are_one_line_errors_before_the_model_loads(tmp_path
     run(cfg_of(tmp_path / "a", "method=lora", "train.epochs=1"))
     pristine = {p.name: p.read_bytes() for p in (tmp_path / "a" / "out").iterdir()
                 if p.is_file()}              # not the tensorboard/ folder
-    monkeypatch.setattr(run_module, "load_backbone",
+    monkeypatch.setattr(build_module, "load_backbone",
                         lambda *a, **k: pytest.fail("the model must not be loaded"))
     for how, expected in DAMAGE.items():
         out = tmp_path / how

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from rouge_score import rouge_scorer
 
-from deltalora_repro import run as run_module
+from deltalora_repro import build as build_module
 from deltalora_repro.adapters import lora_layers
 from deltalora_repro.errors import ConfigError, DataError
 from deltalora_repro.metrics.xsum import split_sentences, xsum_rouge
@@ -127,7 +127,7 @@ def test_local_split_needs_a_file_and_a_folder(tmp_path):
 def test_run_fails_on_missing_data_before_any_model_is_built(tmp_path, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
-    monkeypatch.setattr(run_module, "load_backbone", no_model)
+    monkeypatch.setattr(build_module, "load_backbone", no_model)
     cfg = make_cfg(*TINY_XSUM, "method=lora", "task.local_file=missing.jsonl", tmp_path=tmp_path)
     with pytest.raises(DataError, match="missing.jsonl"):
         run(cfg)

@@ -106,6 +106,14 @@ def budget_phases(cfg: Any, total_steps: int) -> tuple[int, int]:
 
 @register("adalora")
 class AdaLoRA(Method):
+    @classmethod
+    def config_checks(cls, cfg: Any):
+        from .lora import LoRA
+        return LoRA.config_checks(cfg) + [
+            ("method.target_rank", cfg.get("target_rank"),
+             lambda v: isinstance(v, int) and 0 < v <= cfg.rank, f"in 1..{cfg.get('rank')}"),
+            *schedule_checks(cfg)]            # the task's budget schedule
+
     def __init__(self, cfg: Any, total_steps: int):
         super().__init__(cfg, total_steps)
         self.schedule = _schedule(cfg)

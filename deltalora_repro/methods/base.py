@@ -21,18 +21,30 @@ class Method:
     # rank, AdaLoRA's budget schedule) rule it out.
     graph_safe = False
 
+    # How the method's changes to frozen weights reach them, when it has a choice (Delta-LoRA's
+    # explicit or deferred update): settled at on_train_start and written into the run record.
+    update_mode: str | None = None
+
     def __init__(self, cfg: Any, total_steps: int):
         self.cfg = cfg
         self.total_steps = total_steps
+
+    @classmethod
+    def config_checks(cls, cfg: Any) -> list[tuple[str, Any, Callable[[Any], bool], str]]:
+        """Checks of this method's config keys that need nothing loaded, as (key, value, ok,
+        what a valid value is); run.validate applies them with every other config check."""
+        return []
 
     # -- building -------------------------------------------------------------------------------
     def apply(self, model: nn.Module, head_names: list[str]) -> nn.Module:
         """Freeze/unfreeze parameters and insert modules; return the model to train."""
         raise NotImplementedError
 
-    def on_train_start(self, device: "torch.device", train_cfg: Any, graphs=None) -> None:
-        """Once the model is on its device, before the first step (fast-path set-up). `graphs`:
-        (stream, memory pool) of the CUDA-graph step, for a method recording graphs of its own."""
+    def on_train_start(self, world: Any, fast: Any, graphs=None) -> None:
+        """Once the model is on its device, before the first step. `world`: the processes and
+        this one's device (world.World); `fast`: the run's resolved fast path
+        (fastpath.FastPath); `graphs`: (stream, memory pool) of the CUDA-graph step, for a method
+        recording graphs of its own."""
 
     # -- around each optimizer step ---------------------------------------------------------------
     def on_step_start(self, step: int) -> None:

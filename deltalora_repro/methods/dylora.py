@@ -11,10 +11,12 @@ from torch import nn
 
 from ..adapters import inject_lora, lora_layers
 from .base import Method, register, set_trainable
+from .lora import LoRA
 
 
 @register("dylora")
 class DyLoRA(Method):
+    config_checks = LoRA.config_checks      # rank, alpha, lora_dropout: as LoRA's
     def apply(self, model: nn.Module, head_names: list[str]) -> nn.Module:
         set_trainable(model, prefixes=head_names)
         inject_lora(model, self.cfg.rank, self.cfg.alpha, self.cfg.lora_dropout)

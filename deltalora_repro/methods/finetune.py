@@ -20,7 +20,6 @@ class FullFineTuning(Method):
 
     def apply(self, model: nn.Module, head_names: list[str]) -> nn.Module:
         set_trainable(model, prefixes=[""])
-        self._names = [n for n, p in model.named_parameters() if p.requires_grad]
         return model
 
     def changed_base_params(self, model: nn.Module) -> list[str]:
@@ -71,7 +70,7 @@ class FineTuningQV(Method):
                 self._frozen.append((weight, out_dim, frozen, saved, holder))
         return model
 
-    def on_train_start(self, device, train_cfg, graphs=None) -> None:
+    def on_train_start(self, world, fast, graphs=None) -> None:
         # apply() runs before the model moves to its device; bring the masks and saved columns.
         self._frozen = [(w, dim, index.to(w.device), saved.to(w.device), holder)
                         for w, dim, index, saved, holder in self._frozen]

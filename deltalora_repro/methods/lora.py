@@ -10,12 +10,24 @@ from ..adapters import DeltaUpdater, inject_lora
 from ..errors import ConfigError
 from .base import Method, register, set_trainable
 
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
 log = logging.getLogger(__name__)
 
 
 @register("lora")
 class LoRA(Method):
     graph_safe = True
+
+    @classmethod
+    def config_checks(cls, cfg):
+        return [("method.rank", cfg.get("rank"), lambda v: isinstance(v, int) and v > 0,
+                 "a positive integer"),
+                ("method.alpha", cfg.get("alpha"), lambda v: _number(v) and v > 0, "> 0"),
+                ("method.lora_dropout", cfg.get("lora_dropout"), lambda v: _number(v) and 0 <= v < 1,
+                 "in [0, 1)")]
 
     def apply(self, model: nn.Module, head_names: list[str]) -> nn.Module:
         set_trainable(model, prefixes=head_names)
@@ -42,7 +54,16 @@ class DeltaLoRA(LoRA):
 
     UPDATES = ("auto", "explicit", "deferred")
 
-    def update_mode(self, train_cfg) -> str:
+    @classmethod
+    def config_checks(cls, cfg):
+        return super().config_checks(cfg) + [
+            ("method.update_ratio", cfg.get("update_ratio"), lambda v: _number(v) and v >= 0, ">= 0"),
+            ("method.start_steps", cfg.get("start_steps"),
+             lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+            ("method.update", cfg.get("update", "auto"), lambda v: v in cls.UPDATES,
+             "one of " + ", ".join(cls.UPDATES))]
+
+    def resolve_update(self, fast) -> str:
         """method.update: explicit writes W after every step (Algorithm 1 as printed); deferred
         carries the telescoped sum in the rank-2r branch and writes W once at the end (same
         function, no W traffic: adapters.LoRALayer._deferred_factors); auto = deferred when the
@@ -53,18 +74,17 @@ class DeltaLoRA(LoRA):
             raise ConfigError(f"method.update {choice!r}; valid: {', '.join(self.UPDATES)}")
         if choice != "auto":
             return choice
-        from ..train import compile_scope
-        blocks = compile_scope(train_cfg) == "blocks"
+        blocks = fast.compile == "blocks"
         return "deferred" if blocks and self.cfg.lora_dropout == 0 else "explicit"
 
-    def on_train_start(self, device, train_cfg, graphs=None) -> None:
-        mode = self._restored_mode or self.update_mode(train_cfg)
+    def on_train_start(self, world, fast, graphs=None) -> None:
+        mode = self._restored_mode or self.resolve_update(fast)
         if mode == "deferred":
             self.updater.use_deferred()
             self.updater.begin_if_due(0)          # K = 0: the sum starts before the first step
-        elif device.type == "cuda" and train_cfg.get("graph_update", True):
+        elif fast.graph_update:
             self.updater.capture_cuda_graphs(*(graphs or ()))
-        self.mode = mode
+        self.update_mode = mode
 
     def after_optimizer_step(self, step: int) -> None:
         self.updater.step(step)
@@ -76,16 +96,16 @@ class DeltaLoRA(LoRA):
         self.updater.materialise()
         updates = max(0, self._last_step - self.cfg.start_steps) if self.cfg.update_ratio else 0
         log.info("delta-lora: W updated after %d of %d optimizer steps (K=%d, lambda=%s, %s)",
-                 updates, self._last_step, self.cfg.start_steps, self.cfg.update_ratio, self.mode)
+                 updates, self._last_step, self.cfg.start_steps, self.cfg.update_ratio,
+                 self.update_mode)
 
     def graph_phase(self):
         return self.updater.begun
 
     _restored_mode: str | None = None
-    mode: str | None = None
 
     def state_dict(self) -> dict:
-        return {"update": self.mode, "begun": self.updater.begun}
+        return {"update": self.update_mode, "begun": self.updater.begun}
 
     def load_state_dict(self, state: dict) -> None:
         # A run resumes in the mode it was written in: a deferred checkpoint holds W_K and the

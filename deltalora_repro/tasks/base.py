@@ -1,11 +1,17 @@
-"""What the training loop needs from a task, and the registry of task families."""
+"""What the training loop needs from a task, the registry of task families, and the helpers
+their batches, validation losses and test outputs share."""
 from __future__ import annotations
 
-from typing import Any
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
-from ..errors import ConfigError, DataError
+from ..errors import DataError
+from ..progress import bar
 
 
 class Task:
@@ -46,6 +52,24 @@ class Task:
         """After training: the task's final evaluation (decoding + official scores for NLG)."""
         return {}
 
+    # -- scoring kept test outputs (score_run) ------------------------------------------------------
+    # A task whose test outputs are decoded text keeps them as predictions.jsonl rows; `score`
+    # turns such rows into the run's test metrics, at run time and later from the kept file.
+    decodes = False                       # the test step writes predictions.jsonl
+    procedures: tuple[str, ...] = ()      # named scoring procedures (E2E, WebNLG); () = one way
+    default_procedures: tuple[str, ...] = ()
+
+    @classmethod
+    def score(cls, rows: list[dict], procedures: Sequence[str] = (),
+              data_dir: str | None = None) -> dict:
+        """Test metrics of kept prediction rows. With named procedures: the reported one's
+        metrics flat, plus "procedure" (its name) and "procedures" ({name: metrics})."""
+        raise NotImplementedError(f"{cls.__name__} has no decoded test outputs to score")
+
+    @classmethod
+    def describe_procedure(cls, name: str) -> str:
+        raise NotImplementedError
+
     def describe(self) -> dict:
         """Provenance of the data, for the run record."""
         return {}
@@ -71,14 +95,61 @@ def pad_to(length: int, multiple: int) -> int:
     return length if multiple <= 1 else -(-length // multiple) * multiple
 
 
-def build_task(cfg: Any, data_dir: str | None) -> Task:
-    from .glue import GlueTask
-    from .nlg import E2ETask, WebNLGTask
-    from .xsum import XSumTask
-    families = {"glue": GlueTask, "e2e": E2ETask, "webnlg": WebNLGTask, "xsum": XSumTask}
-    if cfg.family not in families:
-        raise ConfigError(f"task family {cfg.family!r} is not available; valid: {sorted(families)}")
-    return families[cfg.family](cfg, data_dir)
+TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(family: str):
+    """Class decorator: the task family a task config names with `family:`."""
+    def deco(cls: type[Task]) -> type[Task]:
+        if family in TASKS:
+            raise RuntimeError(f"task family {family!r} registered twice")
+        cls.family = family
+        TASKS[family] = cls
+        return cls
+    return deco
+
+
+def pad_rows(rows: Sequence[Sequence[int] | torch.Tensor], length: int, value: int) -> torch.Tensor:
+    """Token rows right-padded with `value` to `length` (a bucket from pad_to), as one tensor."""
+    out = torch.full((len(rows), length), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.as_tensor(row)
+    return out
+
+
+def length_mask(lengths: Sequence[int], length: int) -> torch.Tensor:
+    """The attention mask of right-padded rows: 1 on each row's first `lengths[i]` positions."""
+    return (torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]).long()
+
+
+@torch.no_grad()
+def validation_loss(model, data: list[dict], collate: Callable, logits_fn: Callable, device,
+                    batch_size: int, shift: bool) -> dict[str, float]:
+    """Token-level loss (and perplexity) of the labels of `data`, summed over the set and divided
+    by its labelled tokens; `shift`: a causal LM's logits at t predict the label at t + 1."""
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    for i in bar(range(0, len(data), batch_size), desc="eval validation", unit="batch"):
+        batch = {k: v.to(device) for k, v in collate(data[i:i + batch_size]).items()}
+        logits = logits_fn(model, batch)
+        labels = batch["labels"]
+        if shift:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        total += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                 ignore_index=-100, reduction="sum")
+        count += (labels != -100).sum()
+    loss = float(total / count)
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+
+def write_predictions(output_dir: Path, rows: list[dict]) -> None:
+    """predictions.jsonl (one JSON row per test input, the exact text under "prediction") and
+    predictions.txt (one output per line; a newline inside an output becomes a space, so that
+    lines stay aligned with the inputs)."""
+    (output_dir / "predictions.txt").write_text(
+        "\n".join(r["prediction"].replace("\n", " ") for r in rows), encoding="utf-8")
+    with open(output_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
 
 
 def load_hub_dataset(name: str, *args: Any, local_hint: str, **kwargs: Any):

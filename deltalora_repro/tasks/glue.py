@@ -1,16 +1,16 @@
 """GLUE tasks (Table 4): sentence(-pair) classification and STS-B regression on the dev sets."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..metrics.glue import glue_metrics
 from ..progress import bar
-from .base import Task, pad_to, padding_mask
+from .base import Task, length_mask, pad_rows, pad_to, padding_mask, register_task
 from .glue_data import GLUE_SPECS, load_glue_split
 
 
+@register_task("glue")
 class GlueTask(Task):
     head = "classification"
 
@@ -55,12 +55,10 @@ class GlueTask(Task):
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         # Dynamic padding: to the longest example of this batch, rounded up to a bucket.
-        length = pad_to(max(len(e["input_ids"]) for e in examples), self.cfg.pad_to_multiple_of)
-        ids = torch.full((len(examples), length), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(examples), length), dtype=torch.long)
-        for i, e in enumerate(examples):
-            ids[i, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
-            mask[i, :len(e["input_ids"])] = 1
+        rows = [e["input_ids"] for e in examples]
+        length = pad_to(max(len(r) for r in rows), self.cfg.pad_to_multiple_of)
+        ids = pad_rows(rows, length, self.tokenizer.pad_token_id)
+        mask = length_mask([len(r) for r in rows], length)
         dtype = torch.float32 if self.regression else torch.long
         labels = torch.tensor([e["label"] for e in examples], dtype=dtype)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -8,9 +8,7 @@ beam search (decoding.py) and the outputs are scored with the official metric de
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -18,8 +16,11 @@ import torch.nn.functional as F
 
 from ..decoding import BeamConfig, beam_search
 from ..errors import DataError
-from ..progress import bar, stage
-from .base import Task, pad_to
+from ..metrics import e2e as e2e_metrics
+from ..metrics import webnlg as webnlg_metrics
+from ..progress import stage
+from .base import (Task, length_mask, pad_rows, pad_to, register_task, validation_loss,
+                   write_predictions)
 
 log = logging.getLogger(__name__)
 
@@ -142,17 +143,14 @@ class NLGTask(Task):
         return self.encoded["train"]
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        length = pad_to(max(len(e["input_ids"]) for e in examples), self.cfg.pad_to_multiple_of)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(examples), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(examples), length), dtype=torch.long)
+        rows = [e["input_ids"] for e in examples]
+        length = pad_to(max(len(r) for r in rows), self.cfg.pad_to_multiple_of)
+        ids = pad_rows(rows, length, self.tokenizer.pad_token_id)
+        mask = length_mask([len(r) for r in rows], length)
         labels = torch.full((len(examples), length), -100, dtype=torch.long)
         for i, e in enumerate(examples):
-            n = len(e["input_ids"])
-            ids[i, :n] = torch.tensor(e["input_ids"])
-            mask[i, :n] = 1
             # Loss on the reference and its end token only (not the context or the separator).
-            labels[i, e["n_context"]:n] = ids[i, e["n_context"]:n]
+            labels[i, e["n_context"]:len(rows[i])] = ids[i, e["n_context"]:len(rows[i])]
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def loss(self, model, batch) -> torch.Tensor:
@@ -161,20 +159,10 @@ class NLGTask(Task):
                                ignore_index=-100,
                                label_smoothing=float(self.cfg.hparams.get("label_smoothing", 0.0)))
 
-    @torch.no_grad()
     def evaluate(self, model, device, batch_size: int) -> dict[str, float]:
         """Per-epoch: token-level loss on the validation references (cheap; decoding is for test)."""
-        total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-        data = self.encoded["validation"]
-        for i in bar(range(0, len(data), batch_size), desc="eval validation", unit="batch"):
-            batch = {k: v.to(device) for k, v in self.collate(data[i:i + batch_size]).items()}
-            logits = causal_logits(model, batch)
-            labels = batch["labels"][:, 1:]
-            total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                     ignore_index=-100, reduction="sum")
-            count += (labels != -100).sum()
-        loss = float(total / count)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        return validation_loss(model, self.encoded["validation"], self.collate, causal_logits,
+                               device, batch_size, shift=True)
 
     # -- test: decode every distinct input once, then score ----------------------------------------
     def beam_config(self) -> BeamConfig:
@@ -192,28 +180,24 @@ class NLGTask(Task):
         texts = [self.tokenizer.decode(o, skip_special_tokens=True) for o in outs]
         return [t.split("\n\n")[0].strip() for t in texts]
 
-    def score(self, predictions: list[str]) -> dict[str, float]:
-        raise NotImplementedError
+    decodes = True
 
     def test(self, model, device, output_dir: Path | None) -> dict:
         model.eval()
-        contexts = [ex.context for ex, _ in self.test_groups]
-        predictions = self.decode(model, contexts)
+        predictions = self.decode(model, [ex.context for ex, _ in self.test_groups])
+        rows = [{"context": ex.context, "prediction": pred, "references": refs, "group": ex.group,
+                 "seen": ex.seen} for (ex, refs), pred in zip(self.test_groups, predictions)]
         if output_dir is not None:
-            (output_dir / "predictions.txt").write_text("\n".join(predictions), encoding="utf-8")
-            with open(output_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
-                for (ex, refs), pred in zip(self.test_groups, predictions):
-                    f.write(json.dumps({"context": ex.context, "prediction": pred,
-                                        "references": refs, "group": ex.group,
-                                        "seen": ex.seen}) + "\n")
+            write_predictions(output_dir, rows)
         if not self.cfg.get("score", True):
             # Decoded on a machine without Java (METEOR, PTB tokenizer): score later from the
             # kept predictions with `python -m deltalora_repro.score_run RECORD`.
             return {}
         with stage(f"scoring {len(predictions)} test outputs"):
-            return self.score(predictions)
+            return self.score(rows, self.default_procedures, self.data_dir)
 
 
+@register_task("e2e")
 class E2ETask(NLGTask):
     def _load(self, split):
         from .e2e_data import load_e2e
@@ -221,39 +205,59 @@ class E2ETask(NLGTask):
 
     def load(self) -> None:
         super().load()
-        self.raw_test_references = None
         if self.cfg.get("score", True):
             # The official procedure's raw references, read now so that a missing file stops the
             # run before training rather than after decoding.
-            from ..errors import DataError
-            from ..metrics.e2e import official_test_references
             try:
-                self.raw_test_references, _ = official_test_references(self.data_dir)
+                e2e_metrics.official_test_references(self.data_dir)
             except (OSError, ValueError) as exc:
                 raise DataError(f"{exc} (or run with task.score=false and score later with "
                                 f"python -m deltalora_repro.score_run)") from None
 
-    def score(self, predictions):
-        """Both procedures (metrics/e2e.py): the paper's on the tokenised test references, the
-        challenge's on the raw ones of testset_w_refs.csv; the paper's are the run's reported
-        numbers (the flat keys), each procedure's under `procedures`."""
-        from ..metrics.e2e import score_test_procedures
-        return score_test_procedures(predictions, [refs for _, refs in self.test_groups],
-                                     [example.group for example, _ in self.test_groups],
-                                     self.raw_test_references)
+    procedures = tuple(e2e_metrics.PROCEDURES)
+    default_procedures = ("paper", "official")
+
+    @classmethod
+    def score(cls, rows, procedures=(), data_dir=None):
+        """The named procedures (metrics/e2e.py; default both): the paper's on the tokenised test
+        references, the challenge's on the raw ones of testset_w_refs.csv in `data_dir`; the
+        paper's are the reported numbers (the flat keys), each procedure's under `procedures`."""
+        names = tuple(procedures) or cls.default_procedures
+        raw = e2e_metrics.official_test_references(data_dir)[0] if "official" in names else None
+        return e2e_metrics.score_test_procedures([r["prediction"] for r in rows],
+                                     [r["references"] for r in rows], [r["group"] for r in rows],
+                                     raw, names)
+
+    @classmethod
+    def describe_procedure(cls, name):
+        if name == e2e_metrics.LEGACY:
+            return e2e_metrics.LEGACY_DESCRIPTION
+        return e2e_metrics.PROCEDURES[name].description
 
 
+@register_task("webnlg")
 class WebNLGTask(NLGTask):
     def _load(self, split):
         from .webnlg_data import load_webnlg
         return load_webnlg(split, self.data_dir)
 
-    def score(self, predictions):
-        """The paper procedure (the LoRA decode step before GenerationEval). The official one
-        needs nltk's punkt data, rarely present where models are trained: `score_run
-        --procedures official` adds it."""
-        from ..metrics.webnlg import DEFAULT_PROCEDURE, get_procedure, webnlg_scores
-        metrics = webnlg_scores(predictions, self.test_groups,
-                                lora_preprocess=get_procedure(DEFAULT_PROCEDURE).lora_preprocess)
-        return {**metrics, "procedure": DEFAULT_PROCEDURE, "procedures": {DEFAULT_PROCEDURE: dict(metrics)}}
+    procedures = tuple(webnlg_metrics.PROCEDURES)
+    # The official procedure needs nltk's punkt data, rarely present where models are trained:
+    # `score_run --procedures official` adds it.
+    default_procedures = ("paper",)
 
+    @classmethod
+    def score(cls, rows, procedures=(), data_dir=None):
+        """Table 2's nine numbers per named procedure (default: the paper's, the LoRA decode step
+        before GenerationEval)."""
+        names = tuple(procedures) or cls.default_procedures
+        by_name = {name: webnlg_metrics.webnlg_metrics_by_split(
+            [r["prediction"] for r in rows], [r["references"] for r in rows],
+            [bool(r["seen"]) for r in rows], lora_preprocess=webnlg_metrics.get_procedure(name).lora_preprocess)
+            for name in names}
+        primary = "paper" if "paper" in by_name else names[0]
+        return {**by_name[primary], "procedure": primary, "procedures": by_name}
+
+    @classmethod
+    def describe_procedure(cls, name):
+        return webnlg_metrics.PROCEDURES[name].description

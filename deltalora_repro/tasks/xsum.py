@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,7 +28,8 @@ from transformers.models.bart.modeling_bart import shift_tokens_right
 
 from ..errors import ConfigError, DataError
 from ..progress import bar, stage
-from .base import Task, pad_to, padding_mask
+from .base import (Task, length_mask, pad_rows, pad_to, padding_mask, register_task, validation_loss,
+                   write_predictions)
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,7 @@ def seq2seq_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
                  decoder_input_ids=batch["decoder_input_ids"], use_cache=False).logits
 
 
+@register_task("xsum")
 class XSumTask(Task):
     head = "seq2seq"
     metric = "val_loss"
@@ -216,17 +217,12 @@ class XSumTask(Task):
         """Sources and labels right-padded to buckets (few distinct shapes: one CUDA graph each);
         decoder inputs are the labels shifted right behind the decoder start token."""
         multiple = self.cfg.pad_to_multiple_of
-        n = len(examples)
         src_len = pad_to(max(len(e["input_ids"]) for e in examples), multiple)
         tgt_len = pad_to(max(len(e["labels"]) for e in examples), multiple)
         pad = self.tokenizer.pad_token_id
-        ids = torch.full((n, src_len), pad, dtype=torch.long)
-        mask = torch.zeros((n, src_len), dtype=torch.long)
-        labels = torch.full((n, tgt_len), -100, dtype=torch.long)
-        for i, e in enumerate(examples):
-            ids[i, :len(e["input_ids"])] = e["input_ids"]
-            mask[i, :len(e["input_ids"])] = 1
-            labels[i, :len(e["labels"])] = e["labels"]
+        ids = pad_rows([e["input_ids"] for e in examples], src_len, pad)
+        mask = length_mask([len(e["input_ids"]) for e in examples], src_len)
+        labels = pad_rows([e["labels"] for e in examples], tgt_len, -100)
         # shift_tokens_right turns the -100 it shifts in into padding.
         decoder_ids = shift_tokens_right(labels, pad, self.decoder_start_token_id)
         return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": decoder_ids,
@@ -239,20 +235,11 @@ class XSumTask(Task):
                                ignore_index=-100,
                                label_smoothing=float(self.cfg.hparams.get("label_smoothing", 0.0)))
 
-    @torch.no_grad()
     def evaluate(self, model, device, batch_size: int) -> dict[str, float]:
         """Per-epoch: token-level loss on the validation summaries (decoding is for test)."""
         self._check_decoder_start(model)
-        total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-        data = self.encoded["validation"]
-        for i in bar(range(0, len(data), batch_size), desc="eval validation", unit="batch"):
-            batch = {k: v.to(device) for k, v in self.collate(data[i:i + batch_size]).items()}
-            logits = seq2seq_logits(model, batch)
-            total += F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(),
-                                     ignore_index=-100, reduction="sum")
-            count += (batch["labels"] != -100).sum()
-        loss = float(total / count)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        return validation_loss(model, self.encoded["validation"], self.collate, seq2seq_logits,
+                               device, batch_size, shift=False)
 
     # -- test: beam search over the test articles, then ROUGE -------------------------------------
     def generation_kwargs(self) -> dict:
@@ -287,24 +274,24 @@ class XSumTask(Task):
             log.info("decoded %d/%d test articles", min(start + size, len(order)), len(order))
         return out
 
-    def score(self, predictions: list[str]) -> dict[str, float]:
+    decodes = True
+
+    @classmethod
+    def score(cls, rows, procedures=(), data_dir=None):
+        """ROUGE-1/2/L of the summaries (XSum has one way of scoring: no named procedures)."""
+        if procedures:
+            raise ValueError("XSum has no named scoring procedures")
         from ..metrics.xsum import xsum_rouge
-        return xsum_rouge(predictions, [r["summary"] for r in self.rows["test"]])
+        return xsum_rouge([r["prediction"] for r in rows], [r["reference"] for r in rows])
 
     def test(self, model, device, output_dir: Path | None) -> dict:
         model.eval()
-        rows = self.rows["test"]
         predictions = self.decode(model, device, self.encoded["test"])
+        rows = [{"id": row["id"], "document": row["document"], "prediction": pred,
+                 "reference": row["summary"]} for row, pred in zip(self.rows["test"], predictions)]
         if output_dir is not None:
-            # One summary per line; a newline inside a generated summary would break the line
-            # alignment, so the .txt gets a space there (predictions.jsonl keeps the exact text).
-            (output_dir / "predictions.txt").write_text(
-                "\n".join(p.replace("\n", " ") for p in predictions), encoding="utf-8")
-            with open(output_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
-                for row, pred in zip(rows, predictions):
-                    f.write(json.dumps({"id": row["id"], "document": row["document"],
-                                        "prediction": pred, "reference": row["summary"]}) + "\n")
+            write_predictions(output_dir, rows)
         if not self.cfg.get("score", True):
             return {}
         with stage(f"scoring {len(predictions)} test summaries (ROUGE)"):
-            return self.score(predictions)
+            return self.score(rows)
