@@ -28,12 +28,12 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from . import records
-from .methods import build_method
+from .build import build
 from .models import head_prefixes
 from .train import Trainer
+from .world import World
 
 SHAPES = {
     # name: (model_type, head, config kwargs) — the paper's three backbones and our stand-ins
@@ -51,7 +51,6 @@ SHAPES = {
                                            decoder_ffn_dim=4096, dropout=0.0,
                                            attention_dropout=0.0, activation_dropout=0.0)),
 }
-METHOD_DEFAULTS = {"rank": 4, "alpha": 32, "lora_dropout": 0.0, "update_ratio": 2, "start_steps": 0}
 
 
 def load_e2e_scale(tok, data_dir: Path) -> float:
@@ -66,7 +65,6 @@ def _lengths(kind: str, data_dir: Path) -> list[int]:
     """Token counts of real examples. Fixed: `--lengths 512`. E2E: context + reference + 2."""
     if kind.isdigit():
         return [int(kind)]
-    from transformers import AutoTokenizer  # noqa: F401  (the hub tokenizer when cached)
     from .models import tiny_tokenizer
     tok = tiny_tokenizer("gpt2")
     if kind == "e2e":
@@ -96,10 +94,10 @@ def _lengths(kind: str, data_dir: Path) -> list[int]:
 
 class _SyntheticTask:
     """Random token ids at the sampled lengths, padded to buckets like the real collate."""
-    head = "causal-lm"
 
     def __init__(self, vocab: int, classification: bool, seq2seq: bool, multiple: int = 8):
         self.vocab, self.classification, self.seq2seq, self.multiple = vocab, classification, seq2seq, multiple
+        self.head = "classification" if classification else "seq2seq" if seq2seq else "causal-lm"
 
     def batch(self, lengths: list[int], gen: torch.Generator) -> dict:
         from .tasks.base import pad_to
@@ -136,7 +134,7 @@ PEFT_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "roberta": ["
 
 class _PeftLoRA:
     """The outside baseline: PEFT's LoRA (r 4, alpha 32) stepped by our plain loop."""
-    name, graph_safe = "peft-lora", False
+    name, graph_safe, update_mode = "peft-lora", False, None
 
     def apply(self, model, heads):
         from peft import LoraConfig, get_peft_model
@@ -145,13 +143,40 @@ class _PeftLoRA:
                          fan_in_fan_out=model.config.model_type == "gpt2")
         return get_peft_model(model, cfg)
 
-    def on_train_start(self, device, cfg, graphs=None): pass
+    def on_train_start(self, world, fast, graphs=None): pass
     def on_step_start(self, step): pass
     def extra_loss(self, model): return None
     def after_optimizer_step(self, step): pass
 
 
 PATHS = ("plain", "graph", "graph-blocks", "compile", "compile-blocks", "reduce-overhead")
+
+
+def bench_config(method_name: str, batch: int, precision: str, path: str,
+                 compile_options: dict | None = None, delta_update: str = "auto"):
+    """The composed config of a timing row: the package's own config files with E2E's settings
+    (rank 4, alpha 32, lambda 2: Table 9), and only what a timing row changes: no warm-up, no
+    clipping, no branch dropout, Delta-LoRA's update from the first step (K = 0), and the path."""
+    from .config import compose
+    ours = "lora" if method_name == "peft-lora" else method_name
+    overrides = [
+        "task=e2e", f"method={ours}", "seed=0", f"train.batch_size={batch}",
+        f"train.precision={precision}", "train.warmup_steps=0", "train.max_grad_norm=null",
+        "train.eval_batch_size=8", f"train.log_every={10 ** 9}", "train.epochs=1",
+        f"train.cuda_graph={str(path in ('graph', 'graph-blocks')).lower()}",
+        "train.compile=" + {"compile": "true", "reduce-overhead": "true", "compile-blocks": "blocks",
+                            "graph-blocks": "blocks"}.get(path, "false"),
+        "train.compile_mode=" + ("reduce-overhead" if path == "reduce-overhead" else "null")]
+    cfg = compose(*overrides)
+    from omegaconf import open_dict
+    with open_dict(cfg):
+        cfg.train.compile_options = compile_options or {}
+        m = cfg.method
+        for key, value in (("lora_dropout", 0.0), ("start_steps", 0), ("update", delta_update),
+                           ("target_rank", 2), ("tinit", 0), ("tfinal", 1)):
+            if key in m:
+                m[key] = value
+    return cfg
 
 
 def bench_one(shape: str, method_name: str, lengths: list[int], batch: int, precision: str,
@@ -164,30 +189,20 @@ def bench_one(shape: str, method_name: str, lengths: list[int], batch: int, prec
     # What the previous setting left allocated (it should be nothing: main() frees it), so that
     # each row's peak is its own: reported and subtracted.
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    cfg = bench_config(method_name, batch, precision, path, compile_options, delta_update)
     torch.manual_seed(seed)
     config = AutoConfig.for_model(model_type, **kwargs)
     model = cls.from_config(config).to(torch.float32)
     task = _SyntheticTask(config.vocab_size, head == "classification", head == "seq2seq")
     total = warmup + steps
-    mcfg = OmegaConf.create({"name": method_name, **METHOD_DEFAULTS, "target_rank": 2, "tinit": 0,
-                             "tfinal": 1, "delta_t": 10, "beta1": 0.85, "beta2": 0.85,
-                             "orth_reg_weight": 0.1, "rank_seed": 0, "update": delta_update})
-    method = _PeftLoRA() if method_name == "peft-lora" else build_method(mcfg, total)
-    heads = head_prefixes(model) if head == "classification" else []
-    model = method.apply(model, heads).to(device)
-    tcfg = OmegaConf.create({"lr": 2e-4, "batch_size": batch, "grad_accum": 1, "weight_decay": 0.01,
-                             "warmup_steps": 0, "warmup_ratio": 0.0, "max_grad_norm": None,
-                             "precision": precision,
-                             "cuda_graph": path in ("graph", "graph-blocks"),
-                             "compile": {"compile": True, "reduce-overhead": True,
-                                         "compile-blocks": "blocks",
-                                         "graph-blocks": "blocks"}.get(path, False),
-                             "compile_backend": "inductor",
-                             "compile_mode": "reduce-overhead" if path == "reduce-overhead" else None,
-                             "compile_dynamic": None, "compile_options": compile_options or {},
-                             "graph_update": True, "eval_batch_size": 8,
-                             "log_every": 10 ** 9, "epochs": 1, "max_steps": None})
-    trainer = Trainer(model, method, task, tcfg, device, seed, total)
+    if method_name == "peft-lora":
+        method = _PeftLoRA()
+        model = method.apply(model, head_prefixes(model) if head == "classification" else [])
+    else:
+        built = build(cfg, data=False, total_steps=total, task=task, model=(model, None, {}))
+        model, method = built.model, built.method
+    model = model.to(device)
+    trainer = Trainer(model, method, task, cfg.train, World.single(device), seed, total)
     trainer.start()
     gen = torch.Generator().manual_seed(seed)
     order = torch.randint(0, len(lengths), (total, batch), generator=gen).tolist()
@@ -220,7 +235,7 @@ def bench_one(shape: str, method_name: str, lengths: list[int], batch: int, prec
     tok = statistics.mean(real_tokens[warmup:])
     return {"shape": shape, "method": method_name, "batch": batch, "precision": precision,
             "path": path, "compile_options": compile_options or {},
-            "delta_update": getattr(method, "mode", None), "step_ms_median": med,
+            "delta_update": method.update_mode, "step_ms_median": med,
             "step_ms_p10": statistics.quantiles(times, n=10)[0],
             "step_ms_p90": statistics.quantiles(times, n=10)[-1],
             "tokens_per_s": tok / (med / 1000), "mean_real_tokens_per_batch": tok,
