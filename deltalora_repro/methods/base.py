@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..registry import Registry
 
 
 class Method:
@@ -103,23 +103,12 @@ class Method:
         GPU when they were written from one)."""
 
 
-METHODS: dict[str, type[Method]] = {}
-
-
-def register(name: str):
-    def deco(cls: type[Method]) -> type[Method]:
-        if name in METHODS:
-            raise RuntimeError(f"method {name!r} registered twice")
-        cls.name = name
-        METHODS[name] = cls
-        return cls
-    return deco
+METHODS: Registry[Method] = Registry("method", "name")
+register = METHODS.register
 
 
 def build_method(cfg: Any, total_steps: int) -> Method:
-    if cfg.name not in METHODS:
-        raise ConfigError(f"unknown method {cfg.name!r}; valid: {sorted(METHODS)}")
-    return METHODS[cfg.name](cfg, total_steps)
+    return METHODS.lookup(cfg.name)(cfg, total_steps)
 
 
 def set_trainable(model: nn.Module, names: set[str] | None = None, prefixes: list[str] = ()) -> None:

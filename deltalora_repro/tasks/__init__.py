@@ -3,15 +3,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import ConfigError
 from . import glue, nlg, xsum  # noqa: F401  (registration side effect)
 from .base import TASKS, Task
 
 
 def task_class(family: str) -> type[Task]:
-    if family not in TASKS:
-        raise ConfigError(f"task family {family!r} is not available; valid: {sorted(TASKS)}")
-    return TASKS[family]
+    return TASKS.lookup(family)
 
 
 def build_task(cfg: Any, data_dir: str | None) -> Task:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..errors import DataError
 from ..progress import bar
+from ..registry import Registry
 
 
 class Task:
@@ -37,7 +38,8 @@ class Task:
         raise NotImplementedError
 
     def train_examples(self) -> list[dict]:
-        raise NotImplementedError
+        """The encoded training examples (after prepare)."""
+        return self.encoded["train"]
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -95,18 +97,17 @@ def pad_to(length: int, multiple: int) -> int:
     return length if multiple <= 1 else -(-length // multiple) * multiple
 
 
-TASKS: dict[str, type[Task]] = {}
+# The task family a task config names with `family:`.
+TASKS: Registry[Task] = Registry("task family", "family")
+register_task = TASKS.register
 
 
-def register_task(family: str):
-    """Class decorator: the task family a task config names with `family:`."""
-    def deco(cls: type[Task]) -> type[Task]:
-        if family in TASKS:
-            raise RuntimeError(f"task family {family!r} registered twice")
-        cls.family = family
-        TASKS[family] = cls
-        return cls
-    return deco
+def pad_inputs(examples: list[dict], multiple: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of examples' `input_ids`, right-padded to the longest of the
+    batch rounded up to a bucket (`multiple`): dynamic padding with few distinct shapes."""
+    rows = [e["input_ids"] for e in examples]
+    length = pad_to(max(len(r) for r in rows), multiple)
+    return pad_rows(rows, length, pad_id), length_mask([len(r) for r in rows], length)
 
 
 def pad_rows(rows: Sequence[Sequence[int] | torch.Tensor], length: int, value: int) -> torch.Tensor:

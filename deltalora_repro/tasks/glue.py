@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from ..metrics.glue import glue_metrics
 from ..progress import bar
-from .base import Task, length_mask, pad_rows, pad_to, padding_mask, register_task
+from .base import Task, pad_inputs, padding_mask, register_task
 from .glue_data import GLUE_SPECS, load_glue_split
 
 
@@ -50,15 +50,8 @@ class GlueTask(Task):
         self.tokenizer = tokenizer
         self.encoded = {name: self._encode(rows) for name, rows in self.rows.items()}
 
-    def train_examples(self) -> list[dict]:
-        return self.encoded["train"]
-
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        # Dynamic padding: to the longest example of this batch, rounded up to a bucket.
-        rows = [e["input_ids"] for e in examples]
-        length = pad_to(max(len(r) for r in rows), self.cfg.pad_to_multiple_of)
-        ids = pad_rows(rows, length, self.tokenizer.pad_token_id)
-        mask = length_mask([len(r) for r in rows], length)
+        ids, mask = pad_inputs(examples, self.cfg.pad_to_multiple_of, self.tokenizer.pad_token_id)
         dtype = torch.float32 if self.regression else torch.long
         labels = torch.tensor([e["label"] for e in examples], dtype=dtype)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}

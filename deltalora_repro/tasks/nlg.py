@@ -19,8 +19,7 @@ from ..errors import DataError
 from ..metrics import e2e as e2e_metrics
 from ..metrics import webnlg as webnlg_metrics
 from ..progress import stage
-from .base import (Task, length_mask, pad_rows, pad_to, register_task, validation_loss,
-                   write_predictions)
+from .base import Task, pad_inputs, register_task, validation_loss, write_predictions
 
 log = logging.getLogger(__name__)
 
@@ -139,18 +138,13 @@ class NLGTask(Task):
         self.tokenizer = tokenizer
         self.encoded = {name: [self._encode(ex) for ex in rows] for name, rows in self.rows.items()}
 
-    def train_examples(self) -> list[dict]:
-        return self.encoded["train"]
-
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        rows = [e["input_ids"] for e in examples]
-        length = pad_to(max(len(r) for r in rows), self.cfg.pad_to_multiple_of)
-        ids = pad_rows(rows, length, self.tokenizer.pad_token_id)
-        mask = length_mask([len(r) for r in rows], length)
-        labels = torch.full((len(examples), length), -100, dtype=torch.long)
+        ids, mask = pad_inputs(examples, self.cfg.pad_to_multiple_of, self.tokenizer.pad_token_id)
+        labels = torch.full(ids.shape, -100, dtype=torch.long)
         for i, e in enumerate(examples):
             # Loss on the reference and its end token only (not the context or the separator).
-            labels[i, e["n_context"]:len(rows[i])] = ids[i, e["n_context"]:len(rows[i])]
+            n = len(e["input_ids"])
+            labels[i, e["n_context"]:n] = ids[i, e["n_context"]:n]
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def loss(self, model, batch) -> torch.Tensor:

@@ -210,9 +210,6 @@ class XSumTask(Task):
             raise ConfigError(f"model's decoder_start_token_id is {start}, the task shifts targets "
                               f"with {self.decoder_start_token_id} (the tokenizer's eos)")
 
-    def train_examples(self) -> list[dict]:
-        return self.encoded["train"]
-
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         """Sources and labels right-padded to buckets (few distinct shapes: one CUDA graph each);
         decoder inputs are the labels shifted right behind the decoder start token."""
