@@ -5,10 +5,12 @@
 reads every `results/records/**/*.json` and writes `results/tables/<table>__<model>.{md,tex}` and
 the index of run and benchmark records, `results/README.md`. Figure 3 needs the saved weights and
 torch: `python -m deltalora_repro.figure3 --results results` draws it; `make tables` runs both.
-Rendering is pure: records in, text out, and no torch, so tables render wherever the records
-are. A table is data (`TableSpec`): which records belong to which row (a matcher on record fields
-and resolved-config values) and column (a task and a metric), and how a record's metric becomes a
-cell (which metrics dict, which scale).
+Rendering is pure: records (and the package's configs) in, text out, and no torch, so tables
+render wherever the records are. A table is data (`TableSpec`): which records belong to which row
+(a matcher on record fields and resolved-config values) and column (a task and a metric), and how
+a record's metric becomes a cell (which metrics dict, which scale). What a row or the paper's
+protocol compares a run's settings with is read from the composed Hydra configs (the paper's
+values in configs/paper/, the studies in configs/experiment/), never restated here.
 
 E2E and WebNLG numbers depend on the scoring procedure (metrics/e2e.py, metrics/webnlg.py): every
 such table is rendered for one procedure per task, named above the table (default: paper, the
