@@ -3,6 +3,7 @@
 (the same as `deltalora train ...`)"""
 import difflib
 import logging
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -56,14 +57,17 @@ def _paths(node: Any, prefix: str) -> set[str]:
 
 def known_keys(config_dir: Path = CONFIG_DIR) -> set[str]:
     """Every dotted key any config file sets, placed where Hydra places it (its group, or the
-    root for `# @package _global_` files)."""
+    package its `# @package` line names: the root for `_global_`, `train` or `method` for the
+    paper's per-task values in paper/)."""
     keys: set[str] = set()
     for path in config_dir.rglob("*.yaml"):
         text = path.read_text(encoding="utf-8")
         data = yaml.safe_load(text) or {}
         data = {k: v for k, v in data.items() if k not in ("defaults", "hydra")}
         group = path.relative_to(config_dir).parts[0] if path.parent != config_dir else ""
-        prefix = "" if (not group or "@package _global_" in text) else group
+        header = re.search(r"^# @package (\S+)", text, re.MULTILINE)
+        package = header.group(1) if header else group
+        prefix = "" if package == "_global_" else package
         keys |= _paths(data, prefix)
     return keys
 

@@ -5,10 +5,12 @@
 reads every `results/records/**/*.json` and writes `results/tables/<table>__<model>.{md,tex}` and
 the index of run and benchmark records, `results/README.md`. Figure 3 needs the saved weights and
 torch: `python -m deltalora_repro.figure3 --results results` draws it; `make tables` runs both.
-Rendering is pure: records in, text out, and no torch, so tables render wherever the records
-are. A table is data (`TableSpec`): which records belong to which row (a matcher on record fields
-and resolved-config values) and column (a task and a metric), and how a record's metric becomes a
-cell (which metrics dict, which scale).
+Rendering is pure: records (and the package's configs) in, text out, and no torch, so tables
+render wherever the records are. A table is data (`TableSpec`): which records belong to which row
+(a matcher on record fields and resolved-config values) and column (a task and a metric), and how
+a record's metric becomes a cell (which metrics dict, which scale). What a row or the paper's
+protocol compares a run's settings with is read from the composed Hydra configs (the paper's
+values in configs/paper/, the studies in configs/experiment/), never restated here.
 
 E2E and WebNLG numbers depend on the scoring procedure (metrics/e2e.py, metrics/webnlg.py): every
 such table is rendered for one procedure per task, named above the table (default: paper, the
@@ -20,6 +22,7 @@ tables with the official procedures into `<table>__<model>__official.{md,tex}`.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import math
@@ -29,6 +32,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
+
+import yaml
 
 from deltalora_repro import records as run_records
 from deltalora_repro.errors import DataError
@@ -117,7 +122,7 @@ def load_records(results_dir: Path) -> list[Record]:
 _ABSENT = object()  # a config path the record does not have
 
 # Where a record's resolved config keeps the hyperparameters that tell the E2E runs of Tables 1
-# and 5-8 apart. They must follow configs/method/*.yaml and configs/train/*.yaml.
+# and 5-8 apart; what each row compares them with is read from the composed configs below.
 LR = "config.train.lr"
 UPDATE_RATIO = "config.method.update_ratio"
 START_STEPS = "config.method.start_steps"
@@ -128,13 +133,82 @@ BRANCH_DROPOUT = "config.method.lora_dropout"
 Matcher = Mapping[str, object]
 
 
-def _no_branch_dropout(value: object) -> bool:
-    # Delta-LoRA proper has no dropout in the low-rank branch (Sec. 4.2); an absent key means none.
-    return value is _ABSENT or value is None or float(value) == 0.0  # type: ignore[arg-type]
+# ---------------------------------------------------------------------------------------------
+# The paper's settings, read from the package's Hydra configs (the same files a run composes), so
+# that the tables cannot drift from them. Composing loads no torch.
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
-def _with_branch_dropout(value: object) -> bool:
-    return not _no_branch_dropout(value)
+@functools.cache
+def composed(*overrides: str) -> Any:
+    """The config a run with these command-line overrides composes (Hydra's compose API; the
+    `hydra` node included, for an experiment's sweep)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    # Rendering may be asked for inside a running Hydra app: compose in a fresh instance and put
+    # the caller's back afterwards.
+    outer = get_gh_backup()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return compose("config", overrides=list(overrides), return_hydra_config=True)
+    finally:
+        restore_gh_from_backup(outer)
+
+
+def swept(cfg: Any) -> dict[str, list[Any]]:
+    """{dotted key: values} of an experiment's sweep (`hydra.sweeper.params`), parsed as Hydra
+    parses them (`2e-4,6e-4` -> [0.0002, 0.0006])."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = cfg.hydra.sweeper.get("params") or {}
+    parser = OverridesParser.create()
+    out = {}
+    for key, value in params.items():
+        override = parser.parse_overrides([f"{key}={value}"])[0]
+        out[key] = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+    return out
+
+
+def _short(x: Any) -> str:
+    """A number as the paper prints it: 2e-4, 0.5, 2, 500."""
+    if isinstance(x, float) and x != 0 and abs(x) < 1e-3:
+        mantissa, exponent = f"{x:e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{x:g}"
+
+
+def _dropout_is(want: float):
+    """Branch dropout equal to `want`; an absent key (records of code without it) means none."""
+    def ok(value: object) -> bool:
+        return _same(0.0 if value is _ABSENT or value is None else value, want)
+    return ok
+
+
+# On E2E the paper runs LoRA and Delta-LoRA at several settings (Tables 5-8); each row pins the
+# settings that tell it apart, as the row's experiment config sets them, so a sweep run never
+# lands in Table 1. Those settings, per method: LoRA's learning rate (Table 6); Delta-LoRA's
+# learning rate, branch dropout (Table 5), lambda (Table 7) and K (Table 8).
+_STUDIED = {"lora": {LR: "train.lr"},
+            "delta-lora": {LR: "train.lr", BRANCH_DROPOUT: "method.lora_dropout",
+                           UPDATE_RATIO: "method.update_ratio", START_STEPS: "method.start_steps"}}
+
+
+def _experiment_row(experiment: str, vary: Mapping[str, Any] | None = None) -> Matcher:
+    """The matcher of the run an experiment config pins (`vary`: one point of its sweep, by
+    dotted config key), on the settings that tell E2E runs apart."""
+    from omegaconf import OmegaConf
+
+    cfg = composed(f"experiment={experiment}")
+    vary = vary or {}
+    matcher: dict[str, object] = {"method": cfg.method.name}
+    for path, key in _STUDIED[cfg.method.name].items():
+        value = vary[key] if key in vary else OmegaConf.select(cfg, key, throw_on_missing=True)
+        matcher[path] = _dropout_is(value) if path == BRANCH_DROPOUT else value
+    return matcher
 
 
 @dataclass(frozen=True)
@@ -188,13 +262,6 @@ def _method_rows(*, reference_lora: bool) -> dict[str, Matcher | None]:
     return rows
 
 
-# On E2E the paper runs LoRA and Delta-LoRA at several settings (Tables 5-8); each row pins the
-# settings that tell it apart, so a sweep run never lands in Table 1.
-_E2E_LORA: Matcher = {"method": "lora", LR: 2e-4}
-_E2E_DELTA: Matcher = {"method": "delta-lora", LR: 2e-4, BRANCH_DROPOUT: _no_branch_dropout}
-_E2E_DELTA_MAIN: Matcher = {**_E2E_DELTA, UPDATE_RATIO: 2, START_STEPS: 500}  # Table 9
-
-
 def _e2e_columns() -> tuple[Column, ...]:
     # e2e-metrics reports BLEU, METEOR and ROUGE-L as fractions, NIST and CIDEr as printed.
     return (
@@ -220,84 +287,105 @@ _GLUE_LABELS = {
     "mnli": "MNLI", "sst2": "SST-2", "mrpc": "MRPC", "cola": "CoLA",
     "qnli": "QNLI", "qqp": "QQP", "rte": "RTE", "stsb": "STS-B",
 }
-_LAMBDAS = list(PAPER_TABLES[7]["rows"])
-_START_STEPS = list(PAPER_TABLES[8]["rows"])
 
-TABLE_SPECS: tuple[TableSpec, ...] = (
-    TableSpec(
-        number=1,
-        slug="table1_e2e",
-        columns=_e2e_columns(),
-        rows={**_method_rows(reference_lora=True), "lora": _E2E_LORA, "delta-lora": _E2E_DELTA_MAIN},
-        open_rows=True,
-    ),
-    TableSpec(
-        number=2,
-        slug="table2_webnlg",
-        columns=_webnlg_columns(),
-        rows=_method_rows(reference_lora=True),
-        open_rows=True,
-    ),
-    TableSpec(
-        number=3,
-        slug="table3_xsum",
-        # rouge-score reports fractions; the paper prints percentages.
-        columns=tuple(Column(key, label, "xsum", key, 100.0) for key, label in _XSUM_LABELS.items()),
-        rows=_method_rows(reference_lora=False),
-        open_rows=True,
-    ),
-    TableSpec(
-        number=4,
-        slug="table4_glue",
-        # GLUE metrics are fractions; the paper prints percentages of the best dev-set score.
-        columns=tuple(Column(t, _GLUE_LABELS[t], f"glue/{t}", None, 100.0) for t in GLUE_TASKS),
-        rows=_method_rows(reference_lora=False),
-        split="best",
-        average=True,
-        open_rows=True,
-    ),
-    TableSpec(
-        number=5,
-        slug="table5_ablation_branch_dropout",
-        columns=_e2e_columns(),
-        rows={
-            "lora": _E2E_LORA,
-            "delta-lora-branch-dropout": {**_E2E_DELTA_MAIN, BRANCH_DROPOUT: _with_branch_dropout},
-            "delta-lora": _E2E_DELTA_MAIN,
-        },
-        labels={"delta-lora-branch-dropout": "Delta-LoRA + LoRA module (dropout in the branch)"},
-    ),
-    TableSpec(
-        number=6,
-        slug="table6_lora_lr",
-        columns=_e2e_columns(),
-        rows={
-            "lora-lr2e-4": _E2E_LORA,
-            "lora-lr6e-4": {**_E2E_LORA, LR: 6e-4},
-            "delta-lora": _E2E_DELTA_MAIN,
-        },
-        labels={
-            "lora-lr2e-4": "LoRA, lr 2e-4",
-            "lora-lr6e-4": "LoRA, lr 6e-4",
-            "delta-lora": "Delta-LoRA, lr 2e-4, λ = 2",
-        },
-    ),
-    TableSpec(
-        number=7,
-        slug="table7_update_ratio",
-        columns=_e2e_columns(),
-        rows={k: {**_E2E_DELTA, START_STEPS: 500, UPDATE_RATIO: float(k)} for k in _LAMBDAS},
-        labels={k: f"λ = {k}" for k in _LAMBDAS},
-    ),
-    TableSpec(
-        number=8,
-        slug="table8_start_steps",
-        columns=_e2e_columns(),
-        rows={k: {**_E2E_DELTA, UPDATE_RATIO: 2, START_STEPS: int(k)} for k in _START_STEPS},
-        labels={k: f"K = {k}" for k in _START_STEPS},
-    ),
-)
-SPECS_BY_NUMBER = {spec.number: spec for spec in TABLE_SPECS}
+@functools.cache
+def table_specs() -> tuple[TableSpec, ...]:
+    """Every table's spec. Built on first use: the E2E rows read the experiment configs."""
+    sweep6, sweep7, sweep8 = (swept(composed(f"experiment={e}")) for e in
+                              ("table6/lora-lr", "table7/update-ratio", "table8/start-steps"))
+    lrs = sweep6["train.lr"]
+    lambdas = sweep7["method.update_ratio"]
+    ks = sweep8["method.start_steps"]
+    delta_main = _experiment_row("table5/delta-lora")
+    delta_label = (f"Delta-LoRA, lr {_short(delta_main[LR])}, "
+                   f"λ = {_short(delta_main[UPDATE_RATIO])}")
+    return (
+        TableSpec(
+            number=1,
+            slug="table1_e2e",
+            columns=_e2e_columns(),
+            rows={**_method_rows(reference_lora=True), "lora": _experiment_row("table1/lora"),
+                  "delta-lora": _experiment_row("table1/delta-lora")},
+            open_rows=True,
+        ),
+        TableSpec(
+            number=2,
+            slug="table2_webnlg",
+            columns=_webnlg_columns(),
+            rows=_method_rows(reference_lora=True),
+            open_rows=True,
+        ),
+        TableSpec(
+            number=3,
+            slug="table3_xsum",
+            # rouge-score reports fractions; the paper prints percentages.
+            columns=tuple(Column(key, label, "xsum", key, 100.0) for key, label in _XSUM_LABELS.items()),
+            rows=_method_rows(reference_lora=False),
+            open_rows=True,
+        ),
+        TableSpec(
+            number=4,
+            slug="table4_glue",
+            # GLUE metrics are fractions; the paper prints percentages of the best dev-set score.
+            columns=tuple(Column(t, _GLUE_LABELS[t], f"glue/{t}", None, 100.0) for t in GLUE_TASKS),
+            rows=_method_rows(reference_lora=False),
+            split="best",
+            average=True,
+            open_rows=True,
+        ),
+        TableSpec(
+            number=5,
+            slug="table5_ablation_branch_dropout",
+            columns=_e2e_columns(),
+            rows={
+                "lora": _experiment_row("table5/lora"),
+                "delta-lora-branch-dropout": _experiment_row("table5/delta-lora-branch-dropout"),
+                "delta-lora": delta_main,
+            },
+            labels={"delta-lora-branch-dropout": "Delta-LoRA + LoRA module (dropout in the branch)"},
+        ),
+        TableSpec(
+            number=6,
+            slug="table6_lora_lr",
+            columns=_e2e_columns(),
+            # Delta-LoRA's row is Table 5's run (configs/experiment/table6/lora-lr.yaml says so).
+            rows={**{f"lora-lr{_short(lr)}": _experiment_row("table6/lora-lr", {"train.lr": lr})
+                     for lr in lrs},
+                  "delta-lora": delta_main},
+            labels={**{f"lora-lr{_short(lr)}": f"LoRA, lr {_short(lr)}" for lr in lrs},
+                    "delta-lora": delta_label},
+        ),
+        TableSpec(
+            number=7,
+            slug="table7_update_ratio",
+            columns=_e2e_columns(),
+            rows={_short(v): _experiment_row("table7/update-ratio", {"method.update_ratio": v})
+                  for v in lambdas},
+            labels={_short(v): f"λ = {_short(v)}" for v in lambdas},
+        ),
+        TableSpec(
+            number=8,
+            slug="table8_start_steps",
+            columns=_e2e_columns(),
+            rows={_short(v): _experiment_row("table8/start-steps", {"method.start_steps": v})
+                  for v in ks},
+            labels={_short(v): f"K = {_short(v)}" for v in ks},
+        ),
+    )
+
+
+def specs_by_number() -> dict[int, TableSpec]:
+    return {spec.number: spec for spec in table_specs()}
+
+
+def __getattr__(name: str) -> Any:
+    # TABLE_SPECS and SPECS_BY_NUMBER read the configs, so they are built when first asked for
+    # (importing this module composes nothing).
+    if name == "TABLE_SPECS":
+        return table_specs()
+    if name == "SPECS_BY_NUMBER":
+        return specs_by_number()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _lookup(record: Mapping[str, Any], path: str) -> object:
@@ -436,25 +524,86 @@ class Grid(NamedTuple):
 
 
 # A run outside the paper's protocol never fills a cell: shortened (max_steps), on a subset of a
-# split, on a split carved from one file, with the optimisation length or batch changed from the
-# task's paper values, or with a warning that it is not what its method promises (Delta-LoRA whose
-# W never moved). Such runs are listed under the table instead.
+# split, on a split carved from one file, with an optimisation setting changed from the paper's
+# (PROTOCOL_TRAIN_KEYS), or with a warning that it is not what its method promises (Delta-LoRA
+# whose W never moved). Such runs are listed under the table instead.
 _SUBSETS = ("train_max_examples", "eval_max_examples", "test_max_groups", "test_max_examples",
             "local_file")
+PROTOCOL_TRAIN_KEYS = ("lr", "batch_size", "epochs", "weight_decay", "warmup_ratio", "warmup_steps",
+                       "max_grad_norm")
+
+
+@functools.cache
+def _studies() -> tuple[str, ...]:
+    """The experiment configs that set a train.* value of their own (pinned or swept), e.g.
+    Table 6's learning rates: a run with one of those values follows that study's protocol."""
+    found = []
+    for path in sorted((CONFIG_DIR / "experiment").rglob("*.yaml")):
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        sweep = ((data.get("hydra") or {}).get("sweeper") or {}).get("params") or {}
+        if "train" in data or any(str(k).startswith("train.") for k in sweep):
+            found.append(path.relative_to(CONFIG_DIR / "experiment").with_suffix("").as_posix())
+    return tuple(found)
+
+
+@functools.cache
+def protocol_train(task: str, method: str, experiment: str | None) -> dict[str, list[Any]]:
+    """{train key: the values the paper's protocol allows} for a run of `method` on `task`: the
+    composed config's (the paper's values from configs/paper/, or what the run's experiment config
+    pins), and the values a study sweeps: the run's own experiment's or, for a run without one,
+    those of every study that composes to the same task and method."""
+    base = [f"task={task}", f"method={method}"]
+    cfg = composed(*base, *([f"experiment={experiment}"] if experiment else []))
+    allowed = {k: [cfg.train[k]] for k in PROTOCOL_TRAIN_KEYS}
+    studies = [cfg] if experiment else [composed(f"experiment={s}") for s in _studies()]
+    for study in studies:
+        if (study.task.name, study.method.name) != (task, method):
+            continue
+        for k in PROTOCOL_TRAIN_KEYS:
+            allowed[k].append(study.train[k])
+        for key, values in swept(study).items():
+            if key.startswith("train.") and key[len("train."):] in allowed:
+                allowed[key[len("train."):]] += values
+    return {k: list(dict.fromkeys(v)) for k, v in allowed.items()}
+
+
+def _train_departures(record: Record, train: Mapping[str, Any]) -> list[str]:
+    """train.* values of a run that the paper's protocol for its task and method does not allow."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        allowed = protocol_train(record["task"], record["method"], record.get("experiment"))
+    except (HydraException, OmegaConfBaseException) as exc:
+        # A task, method or experiment this version has no config for: listed, never a cell.
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return [f"no config to compare its settings with ({first})"]
+    reasons = []
+    for key in PROTOCOL_TRAIN_KEYS:
+        if key in train and not any(_same(train[key], want) for want in allowed[key]):
+            paper = " or ".join("null" if v is None else str(v) for v in allowed[key])
+            shown = "null" if train[key] is None else train[key]
+            reasons.append(f"train.{key}={shown} (paper: {paper})")
+    return reasons
 
 
 def trial_reasons(record: Record) -> list[str]:
     """Why a run is a trial rather than the paper's protocol (empty: it follows the protocol)."""
     cfg = record.get("config") or {}
     train, task = cfg.get("train") or {}, cfg.get("task") or {}
-    hparams = task.get("hparams") or {}
     reasons = []
     if train.get("max_steps") is not None:
         reasons.append(f"train.max_steps={train['max_steps']}")
     reasons += [f"task.{k}={task[k]}" for k in _SUBSETS if task.get(k) is not None]
-    for key in ("epochs", "batch_size"):
-        if key in hparams and key in train and train[key] != hparams[key]:
-            reasons.append(f"train.{key}={train[key]} (paper: {hparams[key]})")
+    if "hparams" in task:
+        # Written when the task config carried its paper values as task.hparams: judged as it
+        # was then, on epochs and batch size against the values the run itself carried.
+        hparams = task["hparams"] or {}
+        for key in ("epochs", "batch_size"):
+            if key in hparams and key in train and train[key] != hparams[key]:
+                reasons.append(f"train.{key}={train[key]} (paper: {hparams[key]})")
+    elif train:
+        reasons += _train_departures(record, train)
     if record.get("warnings"):
         reasons.append("warned: " + "; ".join(record["warnings"]))
     return reasons
@@ -654,7 +803,7 @@ def render_table(
 
 def render_table4(records: Sequence[Record], model: str, skipped: Sequence[Record] = ()) -> str:
     """Table 4 (GLUE) in Markdown for the runs of `model`, the paper's roberta-base numbers beside."""
-    return render_table(SPECS_BY_NUMBER[4], records, model, skipped)
+    return render_table(specs_by_number()[4], records, model, skipped)
 
 
 _TEX_ESCAPES = {
@@ -714,7 +863,7 @@ def render_all(results_dir: Path, latex: bool = True, procedure: str = "paper",
     suffix = None if procedure == "paper" else procedure
     loaded = scan_records(results_dir)
     files: dict[str, str] = {}
-    for spec in TABLE_SPECS:
+    for spec in table_specs():
         if suffix is not None and not spec.tasks & set(procedures):
             continue
         for model in _models(spec, loaded.completed):

@@ -51,8 +51,8 @@ def train_rows(task: str) -> int:
 @pytest.mark.parametrize("task", sorted(AUTHORS))
 def test_composed_config_carries_the_authors_schedule(task):
     cfg = make_cfg("method=adalora", f"task={task}")
-    s = cfg.method.schedule
-    assert s == cfg.task.adalora                       # one address: the task's block
+    s = cfg.method.schedule                            # its one address
+    assert "adalora" not in cfg.task
     assert (s.tinit, s.tfinal, s.delta_t, s.orth_reg_weight, s.beta1, s.beta2, s.batch_size,
             s.epochs) == AUTHORS[task]
     assert s.train_size == train_rows(task)
@@ -104,8 +104,8 @@ def test_a_schedule_that_does_not_fit_is_an_error_naming_the_values():
     assert "method.tinit=4" in msg                              # where the values came from
     # From the task's fractions: 3 steps of RTE's 600/3900 and 1800/3900 round to 0 and 1, which
     # fits; with the authors' values pushed to 1000 + 2800 of 3900 they give 1 + 2 >= 3.
-    cfg = make_cfg("method=adalora", "task=glue/rte", "task.adalora.tinit=1000",
-                   "task.adalora.tfinal=2800")
+    cfg = make_cfg("method=adalora", "task=glue/rte", "method.schedule.tinit=1000",
+                   "method.schedule.tfinal=2800")
     with pytest.raises(ConfigError, match=r"tinit=1 \+ tfinal=2 >= 3 optimizer steps.*"
                                           r"tinit 1000 and tfinal 2800 of the 3900 steps"):
         build_method(cfg.method, 3)
@@ -119,11 +119,11 @@ def test_no_step_for_importance_scores_is_an_error():
 
 
 @pytest.mark.parametrize("override,message", [
-    ("task.adalora.tfinal=3400", r"task.adalora.tinit \+ task.adalora.tfinal must be < the 3900 "
-                                 r"steps of the run they were written for, got 4000"),
-    ("task.adalora.delta_t=0", "task.adalora.delta_t must be a positive integer, got 0"),
-    ("task.adalora.beta1=1.0", r"task.adalora.beta1 must be in \[0, 1\), got 1.0"),
-    ("task.adalora.orth_reg_weight=-0.1", "task.adalora.orth_reg_weight must be >= 0"),
+    ("method.schedule.tfinal=3400", r"method.schedule.tinit \+ method.schedule.tfinal must be < "
+                                    r"the 3900 steps of the run they were written for, got 4000"),
+    ("method.schedule.delta_t=0", "method.schedule.delta_t must be a positive integer, got 0"),
+    ("method.schedule.beta1=1.0", r"method.schedule.beta1 must be in \[0, 1\), got 1.0"),
+    ("method.schedule.orth_reg_weight=-0.1", "method.schedule.orth_reg_weight must be >= 0"),
     ("method.tinit=-1", "method.tinit must be null or an integer >= 0, got -1"),
 ])
 def test_bad_schedule_values_are_rejected_before_loading(override, message):
@@ -132,8 +132,9 @@ def test_bad_schedule_values_are_rejected_before_loading(override, message):
 
 
 def test_a_task_without_a_schedule_is_named():
-    with pytest.raises(ConfigError, match=r"adalora needs a budget schedule for the task \(task.adalora"):
-        validate(make_cfg("method=adalora", "task=glue/rte", "~task.adalora"))
+    with pytest.raises(ConfigError, match=r"adalora needs a budget schedule for the task "
+                                          r"\(method.schedule: .*configs/paper/method/adalora/"):
+        validate(make_cfg("method=adalora", "task=glue/rte", "~method.schedule"))
 
 
 @needs_glue
@@ -143,8 +144,9 @@ def test_run_record_carries_the_schedule_and_peft_gets_the_scaled_steps(tmp_path
     record = run(cfg)
     expected = {"tinit": 600, "tfinal": 1800, "delta_t": 1, "orth_reg_weight": 0.3,
                 "batch_size": 32, "epochs": 50, "train_size": 2490}
-    for where in (record["config"]["method"]["schedule"], record["config"]["task"]["adalora"]):
-        assert {k: where[k] for k in expected} == expected
+    schedule = record["config"]["method"]["schedule"]
+    assert {k: schedule[k] for k in expected} == expected
+    assert "adalora" not in record["config"]["task"]
     assert record["total_steps"] == 12                          # 2 epochs x 48 rows / 8
     *_, method, _ = build(cfg)
     # 12 x 600 / 3900 = 1.85 -> 2; 12 x 1800 / 3900 = 5.54 -> 6.

@@ -114,7 +114,7 @@ def _branch_is_deterministic(model) -> bool:
 ])
 def test_delta_lora_takes_no_branch_dropout_on_e2e(tmp_path, args, deterministic):
     cfg = make_cfg(*TINY_E2E, *args, tmp_path=tmp_path)
-    assert cfg.task.hparams.lora_dropout == 0.1                        # the task's LoRA setting
+    assert cfg.method.lora_dropout == (0.0 if deterministic else 0.1)  # Table 9's LoRA setting
     _, model, _, _ = build(cfg)
     assert _branch_is_deterministic(model) is deterministic
 
@@ -136,7 +136,7 @@ def _orthogonal_penalty(model) -> torch.Tensor:
 def test_trainer_adds_adalora_orthogonal_regulariser(tmp_path):
     """The gradients the trainer's optimizer step sees equal those of task loss + 5 * penalty,
     computed here by hand; without the penalty they differ (the check is not vacuous)."""
-    cfg = make_cfg("model=tiny-roberta", "method=adalora", "task.adalora.orth_reg_weight=5.0", *SMALL,
+    cfg = make_cfg("model=tiny-roberta", "method=adalora", "method.schedule.orth_reg_weight=5.0", *SMALL,
                    tmp_path=tmp_path)
     task, model, method, trainer = build(cfg)
     model.eval()                                   # dropout off: both passes see one function

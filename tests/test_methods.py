@@ -164,7 +164,7 @@ def test_delta_lora_lambda_zero_equals_lora(tmp_path):
 
 def test_adalora_total_rank_falls_to_target(tmp_path):
     cfg = make_cfg("model=tiny-roberta", "method=adalora", "method.rank=4", "method.target_rank=2",
-                   "method.tinit=1", "method.tfinal=2", "task.adalora.delta_t=1", *SMALL,
+                   "method.tinit=1", "method.tfinal=2", "method.schedule.delta_t=1", *SMALL,
                    "train.epochs=2", tmp_path=tmp_path)
     task, model, m, trainer = build(cfg)
     n_modules = len([n for n, _ in model.named_parameters() if "lora_E" in n])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -352,6 +353,115 @@ def test_trial_runs_fill_no_cell_and_are_listed_apart(change, reason) -> None:
     assert f"`20261129-170000-trial` ({reason})" in t1
     both = tables.render_table(tables.SPECS_BY_NUMBER[1], [protocol, trial], "gpt2-medium")
     assert _cells(both, "LoRA")[2] == "69.60 (paper 69.60)"
+
+
+@pytest.mark.parametrize("train,reason", [
+    # Every value compared with the composed config of E2E x LoRA (configs/paper/train/e2e.yaml:
+    # Table 9) and with Table 6's swept learning rates.
+    ({"lr": 2e-4, "epochs": 1}, "train.epochs=1 (paper: 5)"),
+    ({"lr": 5e-4}, "train.lr=0.0005 (paper: 0.0002 or 0.0006)"),
+    ({"lr": 2e-4, "batch_size": 16}, "train.batch_size=16 (paper: 8)"),
+    ({"lr": 2e-4, "warmup_steps": 20}, "train.warmup_steps=20 (paper: 500)"),
+    ({"lr": 2e-4, "weight_decay": 0.1}, "train.weight_decay=0.1 (paper: 0.01)"),
+    ({"lr": 2e-4, "max_grad_norm": 1.0}, "train.max_grad_norm=1.0 (paper: null)"),
+])
+def test_a_run_follows_the_protocol_only_with_the_paper_training_settings(train, reason) -> None:
+    """A record without task.hparams (written since the paper's values live in configs/paper/) is
+    judged on every train.* setting of the protocol against the composed config of its task and
+    method."""
+    protocol = _e2e("lora", 0.6960)
+    protocol["config"]["train"] = {"lr": 2e-4, "batch_size": 8, "epochs": 5, "weight_decay": 0.01,
+                                   "warmup_ratio": 0.0, "warmup_steps": 500, "max_grad_norm": None}
+    assert tables.trial_reasons(protocol) == []
+    trial = _e2e("lora", 0.5000)
+    trial["run_id"] = "20261129-170000-trial"
+    trial["config"]["train"] = {**protocol["config"]["train"], **train}
+    assert tables.trial_reasons(trial) == [reason]
+    t1 = tables.render_table(tables.SPECS_BY_NUMBER[1], [protocol, trial], "gpt2-medium")
+    assert _cells(t1, "LoRA")[2] == "69.60 (paper 69.60)"
+    assert f"`20261129-170000-trial` ({reason})" in t1
+
+
+def test_old_records_are_judged_as_they_were_written() -> None:
+    """Records from when the task config carried task.hparams compare epochs and batch size with
+    those, as then: an old Table 6 run at lr 6e-4 (task.hparams.lr 2e-4) fills its cell, and so
+    does a run of today at that lr (Table 6's sweep), while 5e-4 is no study's value."""
+    old = _e2e("lora", 0.6963, lr=6e-4)
+    old["config"]["train"].update(epochs=5, batch_size=8, warmup_steps=20)
+    old["config"]["task"] = {"hparams": {"lr": 2e-4, "epochs": 5, "batch_size": 8, "warmup_steps": 500}}
+    now = _e2e("lora", 0.6963, lr=6e-4)
+    now["config"]["train"].update(epochs=5, batch_size=8)
+    off = _e2e("lora", 0.6963, lr=5e-4)
+    assert tables.trial_reasons(old) == [] and tables.trial_reasons(now) == []
+    assert tables.trial_reasons(off) == ["train.lr=0.0005 (paper: 0.0002 or 0.0006)"]
+    for record in (old, now):
+        t6 = tables.render_table(tables.SPECS_BY_NUMBER[6], [record], "gpt2-medium")
+        assert _cells(t6, "LoRA, lr 6e-4")[0] == "69.63 (paper 69.63)"
+    shortened = _e2e("lora", 0.6963)
+    shortened["config"]["train"]["epochs"] = 1
+    shortened["config"]["task"] = {"hparams": {"epochs": 1}}          # its own task.hparams said 1
+    assert tables.trial_reasons(shortened) == []
+
+
+def test_an_experiment_run_is_judged_against_its_experiment() -> None:
+    """experiment=table4/lora task=glue/sst2 is Table 13's SST-2 setting (lr 5e-4, 60 epochs); RTE's
+    lr there is a departure. A task or experiment with no config is named, never a cell."""
+    sst2 = _record("glue/sst2", "lora", 0, 0.95, config={"train": {"lr": 5e-4, "epochs": 60}})
+    sst2["experiment"] = "table4/lora"
+    assert tables.trial_reasons(sst2) == []
+    sst2["config"]["train"]["lr"] = 4e-4
+    assert tables.trial_reasons(sst2) == ["train.lr=0.0004 (paper: 0.0005)"]
+    gone = _record("glue/wnli", "lora", 0, 0.5, config={"train": {"lr": 5e-4}})
+    assert tables.trial_reasons(gone) == [
+        "no config to compare its settings with (In 'config': Could not find 'task/glue/wnli')"]
+
+
+@pytest.fixture
+def config_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A copy of the package's configs that the tables read instead (caches emptied around)."""
+    copy = tmp_path / "configs"
+    shutil.copytree(tables.CONFIG_DIR, copy)
+    cached = (tables.composed, tables.table_specs, tables.protocol_train, tables._studies)
+    for function in cached:
+        function.cache_clear()
+    monkeypatch.setattr(tables, "CONFIG_DIR", copy)
+    yield copy
+    for function in cached:
+        function.cache_clear()
+
+
+def test_rows_and_protocol_follow_the_configs(config_copy: Path) -> None:
+    """Table rows and the protocol are read from the configs, not restated: change the paper's
+    E2E lambda and epochs and Table 7's sweep, and the tables follow."""
+    delta = config_copy / "paper/method/delta-lora/e2e.yaml"
+    delta.write_text(delta.read_text().replace("update_ratio: 2 ", "update_ratio: 3 "))
+    train = config_copy / "paper/train/e2e.yaml"
+    train.write_text(train.read_text().replace("epochs: 5", "epochs: 4"))
+    sweep = config_copy / "experiment/table7/update-ratio.yaml"
+    sweep.write_text(sweep.read_text().replace("method.update_ratio: 0,1,2,3,4,5", "method.update_ratio: 0,2"))
+    specs = tables.specs_by_number()
+    assert specs[1].rows["delta-lora"][tables.UPDATE_RATIO] == 3
+    assert list(specs[7].rows) == ["0", "2"]
+    assert all(m[tables.UPDATE_RATIO] == 3 for m in specs[8].rows.values())     # Table 8's lambda
+    assert specs[6].labels["delta-lora"] == "Delta-LoRA, lr 2e-4, λ = 3"
+    run = _e2e("delta-lora", 0.7, update_ratio=3, start_steps=500, lora_dropout=0.0)
+    run["config"]["train"]["epochs"] = 5
+    assert tables.trial_reasons(run) == ["train.epochs=5 (paper: 4)"]
+
+
+def test_e2e_rows_are_the_experiment_configs_and_the_paper_rows() -> None:
+    """The E2E rows carry Table 9's setting (lr 2e-4, lambda 2, K 500, no branch dropout), Table
+    5's ablation dropout 0.1, and one row per swept value: the paper's rows of Tables 6-8."""
+    specs = tables.SPECS_BY_NUMBER
+    delta = specs[1].rows["delta-lora"]
+    assert (delta[tables.LR], delta[tables.UPDATE_RATIO], delta[tables.START_STEPS]) == (2e-4, 2, 500)
+    assert delta[tables.BRANCH_DROPOUT](0.0) and delta[tables.BRANCH_DROPOUT](tables._ABSENT)
+    assert not delta[tables.BRANCH_DROPOUT](0.1)
+    ablation = specs[5].rows["delta-lora-branch-dropout"]
+    assert ablation[tables.BRANCH_DROPOUT](0.1) and not ablation[tables.BRANCH_DROPOUT](0.0)
+    assert specs[1].rows["lora"] == {"method": "lora", tables.LR: 2e-4}
+    for number in (6, 7, 8):
+        assert list(specs[number].rows) == list(PAPER_TABLES[number]["rows"]), number
 
 
 def test_runs_with_warnings_or_non_finite_metrics_fill_no_cell() -> None:

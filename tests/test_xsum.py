@@ -173,7 +173,7 @@ def test_collate_on_the_first_real_row(tmp_path):
 @needs_xsum
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_loss_is_cross_entropy_over_target_tokens_and_padding_changes_nothing(tmp_path, smoothing):
-    cfg = make_cfg(*TINY_XSUM, "method=lora", f"task.hparams.label_smoothing={smoothing}",
+    cfg = make_cfg(*TINY_XSUM, "method=lora", f"task.label_smoothing={smoothing}",
                    tmp_path=tmp_path)
     task, model, *_ = build(cfg)
     model.eval()

@@ -6,11 +6,11 @@ LoRA; and PEFT adds the orthogonal regulariser only when the wrapped model compu
 so for a task that computes its loss (all of ours do) the term is added here.
 
 The budget schedule (tinit, tfinal, deltaT, beta1, beta2, orthogonal weight) is the AdaLoRA
-authors' own for each task, set in the task config (`task.adalora`, read here as
-`method.schedule`). Their step counts belong to their batch size and epochs, so tinit and tfinal
-carry over as fractions of their run: tinit/T_ref and tfinal/T_ref of this run's optimizer steps,
-with T_ref = epochs x ceil(train rows / batch size) as their scripts' trainers count it. A
-schedule that does not fit the run is a ConfigError, never silently changed.
+authors' own for each task: `method.schedule`, written by configs/paper/method/adalora/<task>.yaml.
+Their step counts belong to their batch size and epochs, so tinit and tfinal carry over as
+fractions of their run: tinit/T_ref and tfinal/T_ref of this run's optimizer steps, with
+T_ref = epochs x ceil(train rows / batch size) as their scripts' trainers count it. A schedule
+that does not fit the run is a ConfigError, never silently changed.
 """
 from __future__ import annotations
 
@@ -35,9 +35,10 @@ def _schedule(cfg: Any):
     try:
         return cfg.schedule
     except OmegaConfBaseException as e:
-        raise ConfigError("adalora needs a budget schedule for the task (task.adalora: tinit, "
+        raise ConfigError("adalora needs a budget schedule for the task (method.schedule: tinit, "
                           "tfinal, delta_t, beta1, beta2, orth_reg_weight and the authors' run "
-                          f"batch_size, epochs, train_size); this task has none "
+                          "batch_size, epochs, train_size), written by "
+                          "configs/paper/method/adalora/<task>.yaml; this task has none "
                           f"({str(e).splitlines()[0]})") from None
 
 
@@ -63,17 +64,17 @@ def schedule_checks(cfg: Any) -> list[tuple[str, Any, Any, str]]:
     def positive(v):
         return isinstance(v, int) and v > 0
 
-    checks = [(f"task.adalora.{k}", s[k], positive, "a positive integer")
+    checks = [(f"method.schedule.{k}", s[k], positive, "a positive integer")
               for k in ("batch_size", "epochs", "train_size", "delta_t")]
-    checks += [(f"task.adalora.{k}", s[k], count, "an integer >= 0") for k in ("tinit", "tfinal")]
-    checks += [(f"task.adalora.{k}", s[k], lambda v: 0 <= v < 1, "in [0, 1)") for k in ("beta1", "beta2")]
-    checks.append(("task.adalora.orth_reg_weight", s.orth_reg_weight, lambda v: v >= 0, ">= 0"))
+    checks += [(f"method.schedule.{k}", s[k], count, "an integer >= 0") for k in ("tinit", "tfinal")]
+    checks += [(f"method.schedule.{k}", s[k], lambda v: 0 <= v < 1, "in [0, 1)") for k in ("beta1", "beta2")]
+    checks.append(("method.schedule.orth_reg_weight", s.orth_reg_weight, lambda v: v >= 0, ">= 0"))
     checks += [(f"method.{k}", cfg[k], lambda v: v is None or count(v), "null or an integer >= 0")
                for k in ("tinit", "tfinal")]
     if all(_holds(ok, v) for _, v, ok, _ in checks):
         # The authors' trainer asserts the same of their own run (total steps > tinit + tfinal).
         ref = reference_steps(s)
-        checks.append(("task.adalora.tinit + task.adalora.tfinal", s.tinit + s.tfinal,
+        checks.append(("method.schedule.tinit + method.schedule.tfinal", s.tinit + s.tfinal,
                        lambda v: v < ref, f"< the {ref} steps of the run they were written for"))
     return checks
 
@@ -85,7 +86,7 @@ def budget_phases(cfg: Any, total_steps: int) -> tuple[int, int]:
     ref = reference_steps(s)
     tinit = cfg.tinit if cfg.tinit is not None else round(total_steps * s.tinit / ref)
     tfinal = cfg.tfinal if cfg.tfinal is not None else round(total_steps * s.tfinal / ref)
-    origin = (f"task.adalora: tinit {s.tinit} and tfinal {s.tfinal} of the {ref} steps of "
+    origin = (f"method.schedule: tinit {s.tinit} and tfinal {s.tfinal} of the {ref} steps of "
               f"{s.script}, scaled to this run")
     if cfg.tinit is not None or cfg.tfinal is not None:
         origin = f"method.tinit={cfg.tinit}, method.tfinal={cfg.tfinal}; null ones from " + origin

@@ -151,7 +151,7 @@ class NLGTask(Task):
         logits = causal_logits(model, batch)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
                                ignore_index=-100,
-                               label_smoothing=float(self.cfg.hparams.get("label_smoothing", 0.0)))
+                               label_smoothing=float(self.cfg.label_smoothing))
 
     def evaluate(self, model, device, batch_size: int) -> dict[str, float]:
         """Per-epoch: token-level loss on the validation references (cheap; decoding is for test)."""

@@ -230,7 +230,7 @@ class XSumTask(Task):
         logits = seq2seq_logits(model, batch)
         return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(),
                                ignore_index=-100,
-                               label_smoothing=float(self.cfg.hparams.get("label_smoothing", 0.0)))
+                               label_smoothing=float(self.cfg.label_smoothing))
 
     def evaluate(self, model, device, batch_size: int) -> dict[str, float]:
         """Per-epoch: token-level loss on the validation summaries (decoding is for test)."""
