@@ -16,6 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import records
+from .config import CONFIG_DIR  # the Hydra config groups ship inside the package: an installed copy runs anywhere
 from .errors import ConfigError, DataError
 from .sweep import write_job_file
 
@@ -26,8 +27,6 @@ log = logging.getLogger("deltalora_repro")
 if not OmegaConf.has_resolver("deltalora_run_id"):
     OmegaConf.register_new_resolver("deltalora_run_id", records.new_run_id)
 
-# The Hydra config groups ship inside the package, so that an installed copy runs from any folder.
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # Config groups chosen on the command line (`group=name`); names may have sub-folders
 # (task=glue/rte, experiment=table4/lora), which Hydra's own error does not list.
 GROUPS = ("model", "task", "method", "train", "experiment")

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import yaml
 
 from deltalora_repro import records as run_records
+from deltalora_repro.config import CONFIG_DIR, compose
 from deltalora_repro.errors import DataError
 from deltalora_repro.paper_numbers import GLUE_TASKS, PAPER_TABLES, PaperTable
 
@@ -137,26 +138,11 @@ Matcher = Mapping[str, object]
 # The paper's settings, read from the package's Hydra configs (the same files a run composes), so
 # that the tables cannot drift from them. Composing loads no torch.
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-
-
 @functools.cache
 def composed(*overrides: str) -> Any:
-    """The config a run with these command-line overrides composes (Hydra's compose API; the
-    `hydra` node included, for an experiment's sweep)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.initialize import get_gh_backup, restore_gh_from_backup
-
-    # Rendering may be asked for inside a running Hydra app: compose in a fresh instance and put
-    # the caller's back afterwards.
-    outer = get_gh_backup()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            return compose("config", overrides=list(overrides), return_hydra_config=True)
-    finally:
-        restore_gh_from_backup(outer)
+    """The config a run with these command-line overrides composes, with its `hydra` node (an
+    experiment's sweep); cached, as every record of a task x method asks for the same one."""
+    return compose(*overrides, hydra_node=True)
 
 
 def swept(cfg: Any) -> dict[str, list[Any]]:

@@ -5,10 +5,10 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from deltalora_repro.build import build as build_run
+from deltalora_repro.config import compose
 from deltalora_repro.train import Trainer
 from deltalora_repro.world import World
 
@@ -23,8 +23,7 @@ needs_glue = pytest.mark.skipif(not GLUE.is_dir(), reason=f"GLUE data not found 
 
 def make_cfg(*overrides: str, tmp_path: Path | None = None):
     """The composed config, as the command line would build it, plus the given overrides."""
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides))
+    cfg = compose(*overrides)
     with open_dict(cfg):
         if tmp_path is not None:
             cfg.output_dir = str(tmp_path / "out")

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from deltalora_repro import config as config_module
 from deltalora_repro import tables
 from deltalora_repro.paper_numbers import GLUE_TASKS, PAPER_TABLES
 from deltalora_repro.tables import RecordError, load_records, render_all, render_table4, scan_records
@@ -425,6 +426,7 @@ def config_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     for function in cached:
         function.cache_clear()
     monkeypatch.setattr(tables, "CONFIG_DIR", copy)
+    monkeypatch.setattr(config_module, "CONFIG_DIR", copy)        # what compose() reads
     yield copy
     for function in cached:
         function.cache_clear()
@@ -489,6 +491,7 @@ _PURE_RENDER = """
 import importlib.util, json, sys
 heavy = ("torch", "transformers", "peft")
 print("INSTALLED " + json.dumps([m for m in heavy if importlib.util.find_spec(m) is not None]))
+from deltalora_repro import config as config_module
 from deltalora_repro import tables
 results = sys.argv[1]
 tables.main(["--results", results])
