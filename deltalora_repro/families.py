@@ -24,8 +24,8 @@ from .errors import ConfigError
 # `dropouts: 0.0` sets every dropout of the family; `dropouts: {residual: 0.09, attention: 0.09,
 # embedding: 0.0}` sets the named roles. No transformers config has an attribute of this name.
 DROPOUTS_KEY = "dropouts"
-# Roles, named after GPT-2's three dropouts (the paper's Table 9 gives resid / attn / embd) and
-# BART's extra two (Table 11: "all 0, incl. activation, classifier").
+# Roles, named after GPT-2's three dropouts (the paper's Table 9 sets Resid_pdrop, Attn_pdrop,
+# Embd_pdrop) and BART's extra two (Table 11 sets its Activation and Classifier Dropout too).
 DROPOUT_ROLES = ("residual", "attention", "embedding", "activation", "classifier")
 
 PADDING_MASKS = ("4d-bool", "2d")
@@ -105,7 +105,8 @@ class Family:
             if unknown:
                 raise ConfigError(f"model_overrides.{DROPOUTS_KEY}: unknown roles {unknown}; valid: "
                                   f"{list(DROPOUT_ROLES)} (or one number for every dropout)")
-            wanted = {role: request[role] for role in DROPOUT_ROLES if role in request}
+            order = [*self.dropouts, *(r for r in DROPOUT_ROLES if r not in self.dropouts)]
+            wanted = {role: request[role] for role in order if role in request}
         else:
             wanted = {role: request for role in self.dropouts}
         attrs: dict[str, float] = {}

@@ -237,7 +237,8 @@ def test_a_new_family_is_one_entry(monkeypatch):
         peft_targets=("q_lin", "v_lin"),
         dropouts={"residual": ("dropout",), "attention": ("attention_dropout",),
                   "classifier": ("seq_classif_dropout",)},
-        tiny=FAMILIES["roberta"].tiny))
+        tiny=TinyRecipe(dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                             cls_token="<s>", sep_token="</s>", mask_token="<mask>"), pair_template=True)))
     assert apply_config_overrides(config, {"dropouts": 0.0}) == {
         "dropout": 0.0, "attention_dropout": 0.0, "seq_classif_dropout": 0.0}
     torch.manual_seed(0)
