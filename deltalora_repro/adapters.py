@@ -21,21 +21,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import ConfigError
-
-# Where Wq and Wv live in each supported architecture: (module-name suffix, which projection,
-# output-column slice as (index, parts) of a fused projection or None for a plain one).
-_FAMILY_TARGETS: dict[str, list[tuple[str, str, tuple[int, int] | None]]] = {
-    "roberta": [("attention.self.query", "q", None), ("attention.self.value", "v", None)],
-    "bert": [("attention.self.query", "q", None), ("attention.self.value", "v", None)],
-    # GPT-2 fuses q, k, v into one Conv1D of 3*hidden output columns: q first, v last.
-    "gpt2": [("attn.c_attn", "q", (0, 3)), ("attn.c_attn", "v", (2, 3))],
-    "llama": [("self_attn.q_proj", "q", None), ("self_attn.v_proj", "v", None)],
-    # BART: encoder self-, decoder self- and cross-attention all match these suffixes.
-    "bart": [
-        ("self_attn.q_proj", "q", None), ("self_attn.v_proj", "v", None),
-        ("encoder_attn.q_proj", "q", None), ("encoder_attn.v_proj", "v", None),
-    ],
-}
+from .families import family_spec
 
 
 @dataclass(frozen=True)
@@ -49,12 +35,8 @@ class Site:
 
 
 def family_of(model: nn.Module) -> str:
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in _FAMILY_TARGETS:
-        raise ConfigError(
-            f"no Wq/Wv map for model_type {model_type!r}; supported: {sorted(_FAMILY_TARGETS)}"
-        )
-    return model_type
+    """The model's family (its model_type), or a ConfigError naming the supported ones."""
+    return family_spec(model).model_type
 
 
 def _out_features(module: nn.Module) -> int:
@@ -68,17 +50,18 @@ def _out_features(module: nn.Module) -> int:
 def find_sites(model: nn.Module) -> list[Site]:
     """Every Wq and Wv of every attention block, in module order."""
     sites = []
+    targets = family_spec(model).qv
     for name, module in model.named_modules():
-        for suffix, proj, part in _FAMILY_TARGETS[family_of(model)]:
-            if not re.search(rf"(^|\.){re.escape(suffix)}$", name):
+        for target in targets:
+            if not re.search(rf"(^|\.){re.escape(target.suffix)}$", name):
                 continue
             out = _out_features(module)
-            if part is None:
-                sites.append(Site(name, proj, 0, out))
+            if target.part is None:
+                sites.append(Site(name, target.proj, 0, out))
             else:
-                index, parts = part
+                index, parts = target.part
                 width = out // parts
-                sites.append(Site(name, proj, index * width, (index + 1) * width))
+                sites.append(Site(name, target.proj, index * width, (index + 1) * width))
     if not sites:
         raise ConfigError(f"found no Wq/Wv modules in {type(model).__name__}")
     return sites

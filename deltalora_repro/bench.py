@@ -31,14 +31,16 @@ import torch
 
 from . import records
 from .build import build
+from .families import family_spec, no_dropout
 from .models import head_prefixes
 from .train import Trainer
 from .world import World
 
 SHAPES = {
-    # name: (model_type, head, config kwargs) — the paper's three backbones and our stand-ins
+    # name: (model_type, head, config kwargs) — the paper's three backbones and our stand-ins;
+    # no_dropout: every dropout of the family off, as the paper's E2E and XSum settings
     "gpt2-medium": ("gpt2", "causal-lm", dict(n_embd=1024, n_layer=24, n_head=16, vocab_size=50257,
-                                              resid_pdrop=0.0, attn_pdrop=0.0, embd_pdrop=0.0)),
+                                              **no_dropout("gpt2"))),
     "smollm2-135m": ("llama", "causal-lm", dict(hidden_size=576, intermediate_size=1536,
                                                 num_hidden_layers=30, num_attention_heads=9,
                                                 num_key_value_heads=3, vocab_size=49152,
@@ -48,8 +50,12 @@ SHAPES = {
     "bart-large": ("bart", "seq2seq", dict(vocab_size=50265, d_model=1024, encoder_layers=12,
                                            decoder_layers=12, encoder_attention_heads=16,
                                            decoder_attention_heads=16, encoder_ffn_dim=4096,
-                                           decoder_ffn_dim=4096, dropout=0.0,
-                                           attention_dropout=0.0, activation_dropout=0.0)),
+                                           decoder_ffn_dim=4096, **no_dropout("bart"))),
+    # Qwen/Qwen2.5-0.5B's config.json (q/k/v carry biases, the embeddings are tied).
+    "qwen2.5-0.5b": ("qwen2", "causal-lm", dict(hidden_size=896, intermediate_size=4864,
+                                                num_hidden_layers=24, num_attention_heads=14,
+                                                num_key_value_heads=2, vocab_size=151936,
+                                                tie_word_embeddings=True)),
 }
 
 
@@ -128,19 +134,17 @@ class _SyntheticTask:
                                                  batch["labels"][:, 1:].flatten(), ignore_index=-100)
 
 
-PEFT_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "roberta": ["query", "value"],
-                "bart": ["q_proj", "v_proj"]}
-
-
 class _PeftLoRA:
     """The outside baseline: PEFT's LoRA (r 4, alpha 32) stepped by our plain loop."""
     name, graph_safe, update_mode = "peft-lora", False, None
 
     def apply(self, model, heads):
         from peft import LoraConfig, get_peft_model
+        # The modules holding Wq and Wv as they are: GPT-2's whole fused c_attn (q, k and v).
+        family = family_spec(model)
         cfg = LoraConfig(r=4, lora_alpha=32, lora_dropout=0.0, modules_to_save=heads or None,
-                         target_modules=PEFT_TARGETS[model.config.model_type],
-                         fan_in_fan_out=model.config.model_type == "gpt2")
+                         target_modules=family.projection_modules,
+                         fan_in_fan_out=family.fan_in_fan_out)
         return get_peft_model(model, cfg)
 
     def on_train_start(self, world, fast, graphs=None): pass

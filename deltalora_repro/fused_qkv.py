@@ -21,7 +21,7 @@ from torch import nn
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 from transformers.pytorch_utils import Conv1D
 
-from .adapters import family_of, find_sites
+from .adapters import family_of
 from .errors import ConfigError
 
 PROJECTIONS = ("q", "k", "v")
@@ -102,11 +102,3 @@ def fuse_qkv(model: nn.Module) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, fused)
     return model
-
-
-def peft_target_modules(model: nn.Module) -> list[str]:
-    """PEFT target names for Wq and Wv of every attention block. GPT-2's fused c_attn is split
-    first (in place), so that the targets are the q and v projections alone."""
-    if family_of(model) == "gpt2":
-        return split_fused_qkv(model)
-    return sorted({s.module_name.rsplit(".", 1)[-1] for s in find_sites(model)})

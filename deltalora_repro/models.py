@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from tokenizers import processors
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM,
                           AutoModelForSequenceClassification, AutoTokenizer,
                           PreTrainedTokenizerFast)
 
 from .errors import ConfigError
+from .families import DROPOUTS_KEY, family_spec
 
 TINY_TOKENIZER = Path(__file__).parent / "assets" / "tiny-bpe" / "tokenizer.json"
 HEADS = {
@@ -66,15 +68,10 @@ def resolve_location(model_cfg: Any) -> tuple[str, dict]:
 
 
 def tiny_tokenizer(family: str) -> PreTrainedTokenizerFast:
-    """The committed byte-level BPE, dressed with each family's special tokens."""
-    if family == "gpt2":
-        tok = PreTrainedTokenizerFast(tokenizer_file=str(TINY_TOKENIZER), bos_token="<|endoftext|>",
-                                      eos_token="<|endoftext|>", unk_token="<unk>",
-                                      pad_token="<pad>")
-    else:  # roberta / bart: <s> A </s></s> B </s>, as their real tokenizers build pairs
-        tok = PreTrainedTokenizerFast(tokenizer_file=str(TINY_TOKENIZER), bos_token="<s>",
-                                      eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                                      cls_token="<s>", sep_token="</s>", mask_token="<mask>")
+    """The committed byte-level BPE, dressed with the family's special tokens (families.py)."""
+    recipe = family_spec(family).tiny
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(TINY_TOKENIZER), **recipe.special_tokens)
+    if recipe.pair_template:  # RoBERTa / BART: <s> A </s></s> B </s>, as their real tokenizers build pairs
         tok._tokenizer.post_processor = processors.TemplateProcessing(
             single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
             special_tokens=[("<s>", tok.convert_tokens_to_ids("<s>")),
@@ -89,15 +86,30 @@ def _tiny_config(model_cfg: Any, tok: PreTrainedTokenizerFast):
     cfg = dict(model_cfg.config)
     ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                eos_token_id=tok.eos_token_id)
-    if family == "bart":
-        ids["decoder_start_token_id"] = tok.eos_token_id
+    for key, token_attr in family_spec(family).tiny.token_ids.items():
+        ids[key] = getattr(tok, token_attr)
     return AutoConfig.for_model(family, **ids, **cfg)
 
 
 def apply_config_overrides(config, overrides: dict) -> dict:
-    """Set config attributes the model has (e.g. dropouts); return those applied."""
+    """Set config attributes the model has (e.g. dropouts); return those applied, in order.
+
+    Keys are config attribute names, except `dropouts` (families.DROPOUTS_KEY), which asks for
+    dropout by role and is mapped to the family's own attributes: `dropouts: 0.0` turns every
+    dropout of the model off whatever its architecture calls them."""
+    if isinstance(overrides, DictConfig):
+        overrides = OmegaConf.to_container(overrides, resolve=True)
+    overrides = dict(overrides or {})
+    attrs, notes = {}, []
+    if DROPOUTS_KEY in overrides:
+        attrs, notes = family_spec(config).dropout_attributes(overrides.pop(DROPOUTS_KEY))
+    for key, value in overrides.items():
+        if key in attrs and attrs[key] != value:
+            raise ConfigError(f"model_overrides: {key}={value} contradicts "
+                              f"{DROPOUTS_KEY}, which sets {key}={attrs[key]}")
+        attrs[key] = value
     applied, missing = {}, []
-    for key, value in (overrides or {}).items():
+    for key, value in attrs.items():
         if hasattr(config, key):
             setattr(config, key, value)
             applied[key] = value
@@ -106,6 +118,8 @@ def apply_config_overrides(config, overrides: dict) -> dict:
     if missing:
         warnings.warn(f"{config.model_type} config has no {missing}; those overrides do not apply",
                       stacklevel=2)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
     return applied
 
 
@@ -139,8 +153,9 @@ def load_backbone(model_cfg: Any, head: str, num_labels: int | None = None,
         raise ConfigError(
             f"cannot load model {model_cfg.name!r} from {where!r}:{hint} point model.path at a "
             "local copy, or use an offline model (minilm-l6, smollm2-135m, tiny-roberta, "
-            f"tiny-gpt2, tiny-bart). Cause: {type(e).__name__}: {str(e).splitlines()[0]}"
+            f"tiny-gpt2, tiny-bart, tiny-qwen2). Cause: {type(e).__name__}: {str(e).splitlines()[0]}"
         ) from e
+    family_spec(config)   # an architecture without a families.py entry fails before its weights load
     for k, v in head_kwargs.items():
         setattr(config, k, v)
     applied = apply_config_overrides(config, overrides)

@@ -25,12 +25,16 @@ def test_tiny_tokenizers_build_each_familys_pairs():
     assert rob.convert_ids_to_tokens(ids).count("</s>") == 3        # <s> A </s></s> B </s>
     gpt = tiny_tokenizer("gpt2")
     assert gpt.eos_token == "<|endoftext|>" and gpt.decode(gpt("name : Blue Spice")["input_ids"]) == "name : Blue Spice"
+    qwen = tiny_tokenizer("qwen2")            # Qwen2Tokenizer's layout: no bos, <|endoftext|> pads
+    assert qwen.bos_token is None and qwen.pad_token == qwen.eos_token == "<|endoftext|>"
+    assert qwen.decode(qwen("name : Blue Spice")["input_ids"]) == "name : Blue Spice"
 
 
 @pytest.mark.parametrize("name,head,n_sites,heads", [
     ("tiny-roberta", "classification", 4, ["classifier."]),
     ("tiny-gpt2", "causal-lm", 4, []),
     ("tiny-bart", "seq2seq", 2 * 2 + 2 * 4, []),   # encoder self (q,v) x2 layers; decoder self+cross x2
+    ("tiny-qwen2", "causal-lm", 4, []),
 ])
 def test_tiny_models_and_their_wq_wv(name, head, n_sites, heads):
     kwargs = {"num_labels": 2, "problem_type": "single_label_classification"} if head == "classification" else {}

@@ -23,9 +23,9 @@ from omegaconf.errors import OmegaConfBaseException
 from peft import AdaLoraConfig, get_peft_model
 from torch import nn
 
-from ..adapters import family_of
 from ..errors import ConfigError
-from ..fused_qkv import peft_target_modules
+from ..families import family_spec
+from ..fused_qkv import split_fused_qkv
 from .base import Method, register
 
 log = logging.getLogger(__name__)
@@ -126,10 +126,12 @@ class AdaLoRA(Method):
 
     def apply(self, model: nn.Module, head_names: list[str]) -> nn.Module:
         cfg, s = self.cfg, self.schedule
-        family = family_of(model)
-        # Wq and Wv alone (the paper's Sec. 5): on GPT-2 the fused c_attn is split into q, k, v
-        # modules first, so that PEFT adapts q and v and leaves k as it is.
-        targets = peft_target_modules(model)
+        family = family_spec(model)
+        # Wq and Wv alone (the paper's Sec. 5): a fused q/k/v projection (GPT-2's c_attn) is split
+        # into q, k, v modules first, so that PEFT adapts q and v and leaves k as it is.
+        if family.fused_qkv:
+            split_fused_qkv(model)
+        targets = list(family.peft_targets)
         log.info("adalora on %s: init rank %d -> target %d; tinit=%d, tfinal=%d of %d steps, "
                  "deltaT=%d", targets, cfg.rank, cfg.target_rank, self.tinit, self.tfinal,
                  self.total_steps, s.delta_t)
@@ -137,7 +139,7 @@ class AdaLoRA(Method):
             init_r=cfg.rank, target_r=cfg.target_rank, lora_alpha=cfg.alpha,
             lora_dropout=cfg.lora_dropout, target_modules=targets,
             # GPT-2's Conv1D stores W transposed.
-            fan_in_fan_out=family == "gpt2",
+            fan_in_fan_out=family.fan_in_fan_out,
             tinit=self.tinit, tfinal=self.tfinal, deltaT=s.delta_t, beta1=s.beta1, beta2=s.beta2,
             orth_reg_weight=s.orth_reg_weight, total_step=self.total_steps,
             modules_to_save=[h.rstrip(".") for h in head_names] or None,

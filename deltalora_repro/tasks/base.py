@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError
+from ..families import family_spec
 from ..progress import bar
 from ..registry import Registry
 
@@ -83,11 +84,11 @@ def padding_mask(model, mask: torch.Tensor) -> torch.Tensor:
     Hugging Face uses as it is. Given the 2-D mask it first checks on the host whether any position
     is padded (to drop the mask when none is): a device-to-host read in every forward, which a
     recorded CUDA-graph step cannot contain. The attention computed is the same. A causal model
-    keeps the 2-D mask: a 4-D mask would replace its causal mask.
+    keeps the 2-D mask: a 4-D mask would replace its causal mask. Which kind a model gets is its
+    family's entry (families.py); a model of no family is an error, not a silent 2-D mask.
     """
-    config = getattr(model, "config", None)
-    if (getattr(config, "model_type", None) in ("bert", "roberta", "bart")
-            and getattr(config, "_attn_implementation", None) == "sdpa"):
+    if (family_spec(model).padding_mask == "4d-bool"
+            and getattr(model.config, "_attn_implementation", None) == "sdpa"):
         return mask[:, None, None, :].bool()
     return mask
 
