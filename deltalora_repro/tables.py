@@ -112,11 +112,6 @@ def _merge_scores(results_dir: Path, completed: list[Record]) -> None:
         run["scored_by"] = {"path": str(path), "commit": score.get("git", {}).get("commit")}
 
 
-def load_records(results_dir: Path) -> list[Record]:
-    """The completed run records under `results_dir/records/` (see `scan_records` for the rest)."""
-    return scan_records(results_dir).completed
-
-
 # ---------------------------------------------------------------------------------------------
 # Table specs: which records go to which cell
 
@@ -785,11 +780,6 @@ def render_table(
     else:
         lines += ["(none yet)"]
     return "\n".join(lines) + "\n"
-
-
-def render_table4(records: Sequence[Record], model: str, skipped: Sequence[Record] = ()) -> str:
-    """Table 4 (GLUE) in Markdown for the runs of `model`, the paper's roberta-base numbers beside."""
-    return render_table(specs_by_number()[4], records, model, skipped)
 
 
 _TEX_ESCAPES = {

@@ -18,6 +18,16 @@ CONFIGS = ROOT / "deltalora_repro" / "configs"
 DATA = Path(os.environ.get("DELTALORA_TEST_DATA", ROOT.parent / "shared" / "data")).resolve()
 GLUE = DATA / "glue"
 
+def java_available() -> bool:
+    """A Java runtime for the METEOR / PTB-tokenizer jars."""
+    from deltalora_repro.metrics import java
+    try:
+        java.java_executable()
+    except java.MetricToolError:
+        return False
+    return True
+
+
 needs_glue = pytest.mark.skipif(not GLUE.is_dir(), reason=f"GLUE data not found at {GLUE}")
 
 

@@ -12,7 +12,7 @@ from deltalora_repro.methods import build_method
 from deltalora_repro.methods.adalora import reference_steps
 from deltalora_repro.run import run, validate
 
-from .conftest import DATA, GLUE, SMALL, build, make_cfg, needs_glue
+from .conftest import DATA, SMALL, build, make_cfg, needs_glue
 
 # Flags of QingruZhang/AdaLoRA's scripts, read off NLU/scripts/run_debertav3_<task>.sh and
 # NLG_QA/scripts/run_bart_xsum.sh: --init_warmup, --final_warmup, --mask_interval,

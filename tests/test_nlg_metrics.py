@@ -38,14 +38,13 @@ from deltalora_repro.metrics.webnlg import (
     ter,
     webnlg_metrics,
     webnlg_metrics_by_split,
-    webnlg_scores,
 )
-from .conftest import DATA
+from .conftest import DATA, java_available
 
 E2E_TEST = DATA / "e2e" / "testset_w_refs.csv"
 WEBNLG_TEST = DATA / "webnlg2017" / "webnlg_challenge_2017" / "test" / "testdata_with_lex.xml"
 
-needs_java = pytest.mark.skipif(not java.java_available(), reason="no Java runtime for the METEOR/PTB jars")
+needs_java = pytest.mark.skipif(not java_available(), reason="no Java runtime for the METEOR/PTB jars")
 needs_e2e = pytest.mark.skipif(not E2E_TEST.is_file(), reason=f"E2E test set not found at {E2E_TEST}")
 needs_webnlg = pytest.mark.skipif(not WEBNLG_TEST.is_file(), reason=f"WebNLG test set not found at {WEBNLG_TEST}")
 
@@ -96,7 +95,7 @@ WEBNLG12_OFFICIAL = {"bleu": 0.562370122729, "meteor": 0.47291178529323563, "ter
 def jar_results():
     """Every jar-based result of the default suite, computed once and side by side (each METEOR
     run loads its 60 MB paraphrase table, ~10 s of CPU)."""
-    if not java.java_available():
+    if not java_available():
         pytest.skip("no Java runtime")
     if not (E2E_TEST.is_file() and WEBNLG_TEST.is_file()):
         pytest.skip("E2E/WebNLG test sets not found")
@@ -410,12 +409,11 @@ def test_webnlg_split_keys(monkeypatch) -> None:
     assert scores["bleu_unseen"] == pytest.approx(1.0) and scores["ter_unseen"] == 0.0
     assert scores["ter_all"] == pytest.approx((scores["ter_seen"] * 2 + 0.0) / 3)
 
-    class Example:
-        def __init__(self, seen):
-            self.seen = seen
-
-    groups = [(Example(s), r) for s, r in zip([True, False, True], refs)]
-    assert webnlg_scores(preds, groups) == scores
+    rows = [{"prediction": p, "references": r, "seen": s} for p, r, s in zip(preds, refs, [True, False, True])]
+    from deltalora_repro.tasks.nlg import WebNLGTask
+    run_time = WebNLGTask.score(rows)                    # what a run and score_run report
+    assert run_time["procedure"] == "paper" and run_time["procedures"]["paper"] == scores
+    assert {k: run_time[k] for k in scores} == scores
     assert set(webnlg_metrics_by_split(preds, refs, None)) == {"bleu_all", "meteor_all", "ter_all"}
 
 

@@ -18,7 +18,7 @@ from deltalora_repro import score
 from deltalora_repro.metrics import e2e as e2e_module
 from deltalora_repro.metrics import java
 from deltalora_repro.metrics import webnlg as webnlg_module
-from .conftest import DATA
+from .conftest import DATA, java_available
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_e2e = pytest.mark.skipif(not (DATA / "e2e" / "testset_w_refs.csv").is_file(), reason="E2E data not found")
@@ -248,7 +248,7 @@ def test_webnlg_default_references_carry_seen_flags(tmp_path, capsys, stub_metri
 def test_real_command_end_to_end(tmp_path) -> None:
     # The real metrics on a 3-input E2E sample; e2e-metrics' values for it come from
     # test_nlg_metrics.py's machinery, here we check the command runs and prints the five keys.
-    if not java.java_available():
+    if not java_available():
         pytest.skip("no Java runtime")
     preds = write(tmp_path, "p.txt", "Blue Spice is a coffee shop in the city centre.\n"
                                      "There is a coffee shop Blue Spice in the riverside area.\n")

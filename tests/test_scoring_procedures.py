@@ -25,11 +25,11 @@ import pytest
 
 from deltalora_repro import records, score, score_run, tables
 from deltalora_repro.metrics import e2e, java
-from .conftest import DATA
+from .conftest import DATA, java_available
 
 E2E = DATA / "e2e"
 needs_e2e = pytest.mark.skipif(not (E2E / "testset_w_refs.csv").is_file(), reason="E2E data not found")
-needs_java = pytest.mark.skipif(not java.java_available(), reason="no Java runtime for the METEOR/PTB jars")
+needs_java = pytest.mark.skipif(not java_available(), reason="no Java runtime for the METEOR/PTB jars")
 
 # The sample's predictions (see the module docstring); "" are the emptied ones.
 SAMPLE_PREDICTIONS = [
@@ -291,14 +291,14 @@ def test_tables_merge_score_records_per_procedure(tmp_path) -> None:
     old = {"run_id": run["run_id"], "metrics": {"bleu": 0.99, "nist": 9.9, "meteor": 0.5, "rouge_l": 0.8,
                                                 "cider": 3.0}}
     (scores / f"{run['run_id']}.json").write_text(json.dumps(old))
-    loaded = tables.load_records(results)
+    loaded = tables.scan_records(results).completed
     assert set(loaded[0]["metrics"]["final"]["procedures"]) == {"legacy"}
     assert "– (paper 69.60)" in _cells(tables.render_all(results, latex=False)["table1_e2e__gpt2-medium.md"], "LoRA")[2]
     new = {"run_id": run["run_id"], "procedure": "paper", "metrics": {"bleu": 0.71},
            "procedures": {"legacy": {"metrics": old["metrics"]}, "paper": {"metrics": {"bleu": 0.71}},
                           "official": {"metrics": {"bleu": 0.63}}}}
     (scores / f"{run['run_id']}.json").write_text(json.dumps(new))
-    final = tables.load_records(results)[0]["metrics"]["final"]
+    final = tables.scan_records(results).completed[0]["metrics"]["final"]
     assert final["procedure"] == "paper" and final["bleu"] == 0.71
     assert final["procedures"]["official"] == {"bleu": 0.63}
     files = tables.render_all(results, latex=False, procedure="official")

@@ -16,7 +16,15 @@ import pytest
 from deltalora_repro import config as config_module
 from deltalora_repro import tables
 from deltalora_repro.paper_numbers import GLUE_TASKS, PAPER_TABLES
-from deltalora_repro.tables import RecordError, load_records, render_all, render_table4, scan_records
+from deltalora_repro.tables import RecordError, render_all, render_table, scan_records, specs_by_number
+
+
+def _completed(results_dir: Path) -> list[dict]:
+    return scan_records(results_dir).completed
+
+
+def _table4(records, model: str, skipped=()) -> str:
+    return render_table(specs_by_number()[4], records, model, skipped)
 
 PAPER_TEXT = Path(__file__).resolve().parents[2] / "shared/paper/delta-lora-2309.02411.txt"
 
@@ -126,7 +134,7 @@ def test_paper_numbers_match_the_paper_text() -> None:
 def test_load_records_skips_but_counts_unfinished(tmp_path: Path) -> None:
     failed = _record("glue/rte", "lora", 1, 0.7, status="failed")
     _write(tmp_path, _record("glue/rte", "lora", 0, 0.8), failed)
-    assert [r["seed"] for r in load_records(tmp_path)] == [0]
+    assert [r["seed"] for r in _completed(tmp_path)] == [0]
     assert [r["status"] for r in scan_records(tmp_path).skipped] == ["failed"]
 
 
@@ -177,7 +185,7 @@ def _glue_results(tmp_path: Path) -> Path:
 
 def test_table4_cells(tmp_path: Path) -> None:
     loaded = scan_records(_glue_results(tmp_path))
-    md = render_table4(loaded.completed, "roberta-base", loaded.skipped)
+    md = _table4(loaded.completed, "roberta-base", loaded.skipped)
 
     delta = _cells(md, "Delta-LoRA")
     header = _cells(md, "Method")
@@ -209,7 +217,7 @@ def test_table4_cells(tmp_path: Path) -> None:
 
 
 def test_table4_other_model_keeps_paper_numbers(tmp_path: Path) -> None:
-    md = render_table4(load_records(_glue_results(tmp_path)), "minilm-l6")
+    md = _table4(_completed(_glue_results(tmp_path)), "minilm-l6")
     header = _cells(md, "Method")
     assert _cells(md, "Delta-LoRA")[header.index("RTE")] == "62.00 (paper 87.00, n=2, sd 1.41)"
     assert "Ours: `minilm-l6`. The paper's numbers beside ours are for `roberta-base`." in md
@@ -218,7 +226,7 @@ def test_table4_other_model_keeps_paper_numbers(tmp_path: Path) -> None:
 def test_rerun_of_a_seed_supersedes_the_older_run(tmp_path: Path) -> None:
     old = _record("glue/rte", "lora", 0, 0.50, run_id="20261122-100000-aaaaaa")
     new = _record("glue/rte", "lora", 0, 0.70, run_id="20261123-100000-bbbbbb")
-    md = render_table4([new, old], "roberta-base")
+    md = _table4([new, old], "roberta-base")
     assert _cells(md, "LoRA")[_cells(md, "Method").index("RTE")] == "70.00 (paper 86.64)"
     assert "Superseded by a later run of the same seed (or by this table's own study run of it): `20261122-100000-aaaaaa`." in md
 
@@ -227,7 +235,7 @@ def test_missing_primary_metric_names_the_run() -> None:
     record = _record("glue/rte", "lora", 0, 0.5)
     record["metrics"]["primary"] = "matthews_correlation"
     with pytest.raises(RecordError, match=record["run_id"]):
-        render_table4([record], "roberta-base")
+        _table4([record], "roberta-base")
 
 
 # --- all tables ----------------------------------------------------------------------------------
@@ -472,7 +480,7 @@ def test_runs_with_warnings_or_non_finite_metrics_fill_no_cell() -> None:
     nan = _record("glue/rte", "lora", 0, float("nan"))
     t1 = tables.render_table(tables.SPECS_BY_NUMBER[1], [never_moved], "gpt2-medium")
     assert _cells(t1, "Delta-LoRA")[2] == "– (paper 70.84)" and "warned: delta-lora" in t1
-    t4 = render_table4([nan], "roberta-base")
+    t4 = _table4([nan], "roberta-base")
     assert "non-finite metrics" in t4 and "nan" not in _cells(t4, "LoRA")[2].lower()
 
 
@@ -491,7 +499,6 @@ _PURE_RENDER = """
 import importlib.util, json, sys
 heavy = ("torch", "transformers", "peft")
 print("INSTALLED " + json.dumps([m for m in heavy if importlib.util.find_spec(m) is not None]))
-from deltalora_repro import config as config_module
 from deltalora_repro import tables
 results = sys.argv[1]
 tables.main(["--results", results])

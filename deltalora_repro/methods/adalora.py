@@ -165,13 +165,6 @@ class AdaLoRA(Method):
         # the same way; the loop's `step` is 1-based.
         self.model.base_model.update_and_allocate(step - 1)
 
-    def total_rank(self) -> int:
-        """Ranks the allocator keeps across all adapted modules (init_r each before pruning)."""
-        pattern = self.model.peft_config["default"].rank_pattern
-        if pattern:
-            return int(sum(int(torch.as_tensor(v).sum()) for v in pattern.values()))
-        return sum(p.shape[0] for n, p in self.model.named_parameters() if "lora_E" in n)
-
     def state_dict(self) -> dict:
         alloc = self.model.base_model.rankallocator
         return {"ipt": alloc.ipt, "exp_avg_ipt": alloc.exp_avg_ipt, "exp_avg_unc": alloc.exp_avg_unc,

@@ -67,14 +67,6 @@ def java_executable() -> str:
     return found
 
 
-def java_available() -> bool:
-    try:
-        java_executable()
-    except MetricToolError:
-        return False
-    return True
-
-
 def pycocoevalcap_dir() -> Path:
     """The installed pycocoevalcap package folder (a namespace package: no __init__.py)."""
     spec = importlib.util.find_spec("pycocoevalcap")

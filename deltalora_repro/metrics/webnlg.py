@@ -256,16 +256,6 @@ def webnlg_metrics(predictions: Sequence[str], references: Sequence[Sequence[str
             "ter": float(np.mean(generation_eval_ter(hyps_tok, refs_tok)))}
 
 
-def webnlg_scores(predictions: Sequence[str], groups: Sequence[tuple[object, Sequence[str]]], *,
-                  lora_preprocess: bool = True, num_refs: int = NUM_REFS) -> dict[str, float]:
-    """Table 2's nine numbers: bleu/meteor/ter x seen/unseen/all, for `groups` of
-    (example, references) whose example has a boolean `seen` (its category occurs in training).
-    A subset with no entries is left out."""
-    seen = [bool(example.seen) for example, _ in groups]
-    return webnlg_metrics_by_split(predictions, [refs for _, refs in groups], seen,
-                                   lora_preprocess=lora_preprocess, num_refs=num_refs)
-
-
 def webnlg_metrics_by_split(predictions: Sequence[str], references: Sequence[Sequence[str]],
                             seen: Sequence[bool] | None, *, lora_preprocess: bool = True,
                             num_refs: int = NUM_REFS) -> dict[str, float]:

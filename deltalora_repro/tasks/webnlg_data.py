@@ -42,7 +42,6 @@ SEEN_CATEGORIES = frozenset(
     {"Airport", "Astronaut", "Building", "City", "ComicsCharacter", "Food", "Monument", "SportsTeam",
      "University", "WrittenWork"}
 )
-UNSEEN_CATEGORIES = frozenset({"Athlete", "Artist", "CelestialBody", "MeanOfTransportation", "Politician"})
 
 
 @dataclass(frozen=True)
