@@ -269,6 +269,14 @@ _GLUE_LABELS = {
     "qnli": "QNLI", "qqp": "QQP", "rte": "RTE", "stsb": "STS-B",
 }
 
+
+def _sweep_spec(number: int, slug: str, experiment: str, key: str, values: Sequence[Any],
+                symbol: str) -> "TableSpec":
+    """Tables 7 and 8: one row per value an experiment sweeps `key` over."""
+    return TableSpec(number=number, slug=slug, columns=_e2e_columns(),
+                     rows={_short(v): _experiment_row(experiment, {key: v}) for v in values},
+                     labels={_short(v): f"{symbol} = {_short(v)}" for v in values})
+
 @functools.cache
 def table_specs() -> tuple[TableSpec, ...]:
     """Every table's spec. Built on first use: the E2E rows read the experiment configs."""
@@ -336,22 +344,8 @@ def table_specs() -> tuple[TableSpec, ...]:
             labels={**{f"lora-lr{_short(lr)}": f"LoRA, lr {_short(lr)}" for lr in lrs},
                     "delta-lora": delta_label},
         ),
-        TableSpec(
-            number=7,
-            slug="table7_update_ratio",
-            columns=_e2e_columns(),
-            rows={_short(v): _experiment_row("table7/update-ratio", {"method.update_ratio": v})
-                  for v in lambdas},
-            labels={_short(v): f"λ = {_short(v)}" for v in lambdas},
-        ),
-        TableSpec(
-            number=8,
-            slug="table8_start_steps",
-            columns=_e2e_columns(),
-            rows={_short(v): _experiment_row("table8/start-steps", {"method.start_steps": v})
-                  for v in ks},
-            labels={_short(v): f"K = {_short(v)}" for v in ks},
-        ),
+        _sweep_spec(7, "table7_update_ratio", "table7/update-ratio", "method.update_ratio", lambdas, "λ"),
+        _sweep_spec(8, "table8_start_steps", "table8/start-steps", "method.start_steps", ks, "K"),
     )
 
 
