@@ -135,9 +135,10 @@ def test_every_task_config_has_a_version():
     for name in tasks:
         cfg = make_cfg(f"task={name}")
         assert records.task_version(cfg.task) >= 1, name
-    # E2E and WebNLG changed after their first version (targets and named scoring procedures).
+    # E2E and WebNLG changed after their first version (targets and named scoring procedures;
+    # WebNLG's dropouts by role reach Llama-family models from 3 on).
     assert make_cfg("task=e2e").task.version == 2
-    assert make_cfg("task=webnlg").task.version == 2
+    assert make_cfg("task=webnlg").task.version == 3
 
 
 @pytest.mark.parametrize("version", [None, 0, "2", 1.5, True])
