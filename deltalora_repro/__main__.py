@@ -172,6 +172,11 @@ def main(cfg: DictConfig) -> float | None:
             _remove_unused_run_folder(Path(hc.runtime.output_dir))
             sys.exit(2)
         raise
+    if "metrics" not in record:
+        # Another process of a data-parallel run: the main one records and reports the run; the
+        # folder Hydra made for this process holds only Hydra's files.
+        _remove_unused_run_folder(Path(hc.runtime.output_dir))
+        return None
     primary = record["metrics"]["primary"]
     best = record["metrics"]["best"]
     log.info("best %s = %.4f (epoch %d)", primary, best[primary], best["epoch"])

@@ -131,14 +131,6 @@ def check_outputs(cfg: Any, output_dir: Path, results_dir: Path) -> None:
                           f"resume={output_dir}")
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but no CUDA device is available; use device=cpu")
-    return torch.device(name)
-
-
 def save_weights(model, method, path: Path) -> list[str]:
     """Only what differs from the pretrained model: trained tensors and changed base tensors."""
     names = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -170,11 +162,14 @@ def peak_memory(device: torch.device) -> dict:
 def run(cfg: Any) -> dict:
     """Train and evaluate one configuration; return the run record (also written to disk)."""
     validate(cfg)
-    device = pick_device(cfg.device)
+    world = World.from_env(cfg.device)      # one process, or one of those torchrun started
+    device = world.device
     tcfg = cfg.train
     precision = tcfg.precision if tcfg.precision != "auto" else (
         "bf16" if device.type == "cuda" else "fp32")
-    output_dir = Path(cfg.output_dir)
+    # Several processes make one run: the main one's folder and id (each process's Hydra made
+    # its own folder; the others stay empty and go).
+    output_dir = Path(world.share(str(cfg.output_dir)))
     results_dir = Path(cfg.results_dir)
     check_outputs(cfg, output_dir, results_dir)
     every = tcfg.get("checkpoint_every")
@@ -188,7 +183,7 @@ def run(cfg: Any) -> dict:
         # silently train with the checkpoint's settings instead of the ones asked for, stops here.
         resume_from = checkpoint.read(cfg.resume)
         resume_changes = checkpoint.check_resume_config(resume_from, config, precision)
-    run_id = cfg.get("run_id") or records.new_run_id()
+    run_id = world.share(cfg.get("run_id") or records.new_run_id())
     record = {
         "schema": records.SCHEMA, "run_id": run_id, "status": "running",
         "task": cfg.task.name, "task_version": records.task_version(cfg.task),
@@ -198,6 +193,7 @@ def run(cfg: Any) -> dict:
         "precision": precision, "git": records.git_state(), "machine": records.machine(device),
         "versions": records.versions(), "command": records.command_line(),
         "output_dir": str(output_dir), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "world": world.describe(),
     }
     record_file = records.record_path(results_dir, cfg.task.name, cfg.model.name, cfg.method.name,
                                       run_id)
@@ -218,10 +214,10 @@ def run(cfg: Any) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         train_cfg = OmegaConf.merge(tcfg, {"precision": precision})
-        world = World.single(device)
         trainer = Trainer(model, method, task, train_cfg, world, cfg.seed, n_total,
                           fastpath.resolve(train_cfg, device, method))
-        output_dir.mkdir(parents=True, exist_ok=True)
+        if world.is_main:
+            output_dir.mkdir(parents=True, exist_ok=True)
         if resume_from is not None:
             trainer.load_state_dict(resume_from.load_state(device))
             record["resumed_from"] = {"path": str(resume_from.index), "step": trainer.step,
@@ -231,6 +227,8 @@ def run(cfg: Any) -> dict:
                      trainer.step, trainer.epoch + 1, trainer.position)
 
         def save(tr: Trainer) -> None:
+            if not world.is_main:
+                return                    # one checkpoint per run: the main process writes it
             try:
                 path = checkpoint.save(tr.state_dict(), output_dir,
                                        {"config": config, "precision": precision})
@@ -249,12 +247,19 @@ def run(cfg: Any) -> dict:
         }
         record["total_steps"] = n_total
         t_train = time.perf_counter()
-        board_dir = output_dir / "tensorboard" if tcfg.get("tensorboard", True) else None
+        board_dir = (output_dir / "tensorboard" if tcfg.get("tensorboard", True) and world.is_main
+                     else None)
         with trainer.stop_on_signals(), progress_bars(tcfg.get("progress", "auto")):
             trainer.fit(save=save, log_dir=board_dir)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             record["train_time_s"] = time.perf_counter() - t_train
+            if trainer.checksums:
+                record["world"]["checksums"] = trainer.checksums
+            if not world.is_main:
+                # The test set, the record and the weights are the main process's.
+                record["status"] = "completed"
+                return record
             result = _evaluate_and_save(cfg, record, trainer, task, model, method, device,
                                         output_dir, results_dir, run_id)
         record["status"] = "completed"
@@ -279,7 +284,7 @@ def run(cfg: Any) -> dict:
         record["traceback"] = traceback.format_exc()
         raise
     finally:
-        if record["status"] != "running":
+        if record["status"] != "running" and world.is_main:
             record["wall_time_s"] = time.perf_counter() - t0
             record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             record.update(peak_memory(device))

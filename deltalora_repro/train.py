@@ -87,10 +87,12 @@ class Trainer:
                  n_total_steps: int, fast: FastPath | None = None):
         self.model, self.method, self.task, self.cfg, self.world = model, method, task, cfg, world
         self.device = device = world.device
-        if cfg.batch_size % cfg.grad_accum:
+        if cfg.batch_size % (cfg.grad_accum * world.size):
             raise ConfigError(f"train.batch_size {cfg.batch_size} is not divisible by "
-                              f"train.grad_accum {cfg.grad_accum}")
-        self.micro_batch = cfg.batch_size // cfg.grad_accum
+                              f"train.grad_accum {cfg.grad_accum}" +
+                              (f" x {world.size} processes" if world.size > 1 else ""))
+        # train.batch_size is the global batch of one optimizer step, whatever the processes.
+        self.micro_batch = cfg.batch_size // world.size // cfg.grad_accum
         self.total_steps = n_total_steps
         self.fast = fast if fast is not None else fastpath.resolve(cfg, device, method)
         if self.fast.cuda_graph:
@@ -126,6 +128,8 @@ class Trainer:
         # Set by a SIGINT/SIGTERM handler (signal number); acted on at the next step boundary.
         self.stop_signal: int | None = None
         self.in_loop = False
+        # Several processes: a checksum of every weight at each epoch end, compared across them.
+        self.checksums: list[dict] = []
 
     @property
     def use_graphs(self) -> bool:
@@ -182,24 +186,49 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------------
     def step_batches(self, examples: list[dict], skip: int = 0):
-        """One list of micro-batches per optimizer step, in a seeded random order, from step
-        `skip` of the epoch on (a mid-epoch resume: same permutation, done steps not collated)."""
+        """This process's micro-batches of each optimizer step, in a seeded random order (the
+        same in every process), from step `skip` of the epoch on (a mid-epoch resume: same
+        permutation, done steps not collated). Each process takes its contiguous share of the
+        step's global batch; each micro-batch carries its weight in the step's loss: its loss
+        units (examples, or target tokens) over the whole global batch's, so that any split over
+        micro-batches and processes gives the gradient of the global batch's mean loss."""
         order = torch.randperm(len(examples), generator=self.generator).tolist()
+        rank = self.world.rank
         for i in range(skip * self.cfg.batch_size, len(order), self.cfg.batch_size):
             chunk = order[i:i + self.cfg.batch_size]
-            yield [self.task.collate([examples[j] for j in chunk[k:k + self.micro_batch]])
-                   for k in range(0, len(chunk), self.micro_batch)]
+            # Even shares (a short last batch too), so no process idles while others work.
+            size = self.world.size
+            mine = chunk[rank * len(chunk) // size:(rank + 1) * len(chunk) // size]
+            parts = [[examples[j] for j in mine[k:k + self.micro_batch]]
+                     for k in range(0, len(mine), self.micro_batch)]
+            step = StepBatches(self.task.collate(part) for part in parts)
+            if self.world.size > 1 or len(parts) > 1:
+                total = sum(self.task.loss_units(examples[j]) for j in chunk)
+                step.weights = [sum(self.task.loss_units(e) for e in part) / total for part in parts]
+            yield step
 
-    def forward_backward(self, batch: dict[str, torch.Tensor], n_micro: int = 1) -> torch.Tensor:
-        """The task's loss plus the method's extra term, and its backward (scaled by 1/n_micro
-        under gradient accumulation); returns the loss, detached."""
+    def forward_backward(self, batch: dict[str, torch.Tensor], weight: float = 1.0) -> torch.Tensor:
+        """The task's loss plus the method's extra term, and the backward of it times `weight`
+        (the micro-batch's share of the step's global batch); returns weight x loss, detached."""
         with autocast(self.device, self.cfg.precision):
             loss = self.loss_fn(self.model, batch)
             extra = self.method.extra_loss(self.model)
             if extra is not None:
                 loss = loss + extra
-        (loss / n_micro if n_micro > 1 else loss).backward()
+        if weight != 1.0:
+            loss = loss * weight
+        loss.backward()
         return loss.detach()
+
+    def reduce(self, loss: torch.Tensor) -> None:
+        """Several processes: sum every trainable gradient and the step's loss over them, as one
+        flat all-reduce (the weights made each process's part a share of the global mean)."""
+        if self.world.size == 1:
+            return
+        for p in self.params:
+            if p.grad is None:            # a parameter this process's batch did not reach
+                p.grad = torch.zeros_like(p)
+        self.world.all_reduce_sum_([p.grad for p in self.params] + [loss])
 
     def optimizer_step(self, loss: torch.Tensor) -> None:
         """Fold the step's loss (and gradient norm) into the divergence flag, clip, AdamW."""
@@ -214,6 +243,7 @@ class Trainer:
         records (clearing inside the graph keeps gradients alive only during a replay, so every
         shape's graph can share one memory pool)."""
         loss = self.forward_backward(batch)
+        self.reduce(loss)
         self.optimizer_step(loss)
         self.optimizer.zero_grad(set_to_none=True)
         return loss
@@ -225,10 +255,14 @@ class Trainer:
             loss = self.graphs.run(micro_batches)
         else:
             n = len(micro_batches)
+            weights = getattr(micro_batches, "weights", None)
+            if weights is None:
+                weights = [1.0 / n] * n
             loss = torch.zeros((), device=self.device)
-            for batch in micro_batches:
+            for batch, weight in zip(micro_batches, weights):
                 batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-                loss += self.forward_backward(batch, n) / n
+                loss += self.forward_backward(batch, weight)
+            self.reduce(loss)
             self.optimizer_step(loss)
         self.scheduler.step()
         self.step += 1
@@ -269,6 +303,9 @@ class Trainer:
         """Set-up that needs the model on its device (idempotent)."""
         if not getattr(self, "_started", False):
             self.params = [p for p in self.model.parameters() if p.requires_grad]
+            # Every process starts from the main one's weights (they agree already when built
+            # from the same seed; this makes it a guarantee).
+            self.world.broadcast_([p.data for p in self.model.parameters()])
             if self.fast.cuda_graph:
                 self.graphs = GraphSteps(self, self.fast)
             graphs = (self.graphs.stream, self.graphs.pool) if self.graphs is not None else None
@@ -323,7 +360,7 @@ class Trainer:
                                       self.step, "train")
                         running.zero_()
                         t_log, n_log, tokens = time.perf_counter(), 0, 0
-                    self._stop_if_asked(save)
+                    self._stop_if_asked(save, boundary=self.step % cfg.log_every == 0)
                     ends_epoch = self.position >= per_epoch or self.step >= self.total_steps
                     # An epoch end checkpoints right after its evaluation: not twice.
                     if periodic and every and self.step % every == 0 and not ends_epoch:
@@ -332,6 +369,7 @@ class Trainer:
                     if self.step >= self.total_steps:
                         break
                 self.check_finite()
+                self.check_same_weights()
                 self.epoch += 1
                 self.position = 0
                 self.epoch_generator_state = self.generator.get_state()
@@ -350,13 +388,39 @@ class Trainer:
             board.close()
         self.method.on_train_end()
 
-    def _stop_if_asked(self, save, saved: bool = False) -> None:
-        if self.stop_signal is None:
+    def _stop_if_asked(self, save, saved: bool = False, boundary: bool = True) -> None:
+        signum = self.stop_signal
+        if self.world.size > 1:
+            # Every process must stop after the same step: they agree at log points and epoch
+            # ends only (a host synchronisation, which the hot path does not pay every step).
+            if not boundary:
+                return
+            signum = next((s for s in self.world.gather(self.stop_signal) if s), None)
+        if signum is None:
             return
         self.check_finite()
         if save is not None and not saved:
             save(self)
-        raise TrainingInterrupted(self.stop_signal, self.step)
+        raise TrainingInterrupted(signum, self.step)
+
+    def check_same_weights(self) -> None:
+        """Several processes: every weight (Delta-LoRA's W included) must be the same in all of
+        them after an epoch; a checksum of each process's weights is compared and recorded."""
+        if self.world.size == 1:
+            return
+        with torch.no_grad():
+            total = torch.zeros((), dtype=torch.float64, device=self.device)
+            for i, p in enumerate(self.model.parameters()):
+                # Position-weighted, so that swapped or offset values change the sum.
+                flat = p.detach().reshape(-1).double()
+                total += (flat * torch.arange(1, flat.numel() + 1, device=flat.device,
+                                              dtype=torch.float64)).sum() * (i + 1)
+            sums = self.world.gather(float(total))
+        self.checksums.append({"epoch": self.epoch + 1, "step": self.step, "checksums": sums,
+                               "equal": len(set(sums)) == 1})
+        if len(set(sums)) != 1:
+            raise RuntimeError(f"the processes' weights differ after epoch {self.epoch + 1} "
+                               f"(checksums {sums}): data-parallel training went out of step")
 
     @contextlib.contextmanager
     def stop_on_signals(self, signals=(signal.SIGINT, signal.SIGTERM)):
@@ -383,6 +447,13 @@ class Trainer:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+
+
+class StepBatches(list):
+    """One optimizer step's micro-batches (collated) and, when they are not equal shares of one
+    process's whole batch, each one's weight in the step's loss."""
+
+    weights: list[float] | None = None
 
 
 def batch_tokens(micro_batches: list[dict]) -> int:

@@ -45,6 +45,13 @@ class Task:
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def loss_units(self, example: dict) -> int:
+        """What the task's loss averages over, counted in one encoded example: 1 for a loss
+        averaged over examples, its target tokens for one averaged over tokens. The loop weights
+        micro-batches by it, so that split batches (gradient accumulation, several processes)
+        give the gradient of the whole batch's mean loss."""
+        return 1
+
     def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 

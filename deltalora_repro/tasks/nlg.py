@@ -147,6 +147,9 @@ class NLGTask(Task):
             labels[i, e["n_context"]:n] = ids[i, e["n_context"]:n]
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
+    def loss_units(self, example: dict) -> int:
+        return len(example["input_ids"]) - example["n_context"]     # the reference and end token
+
     def loss(self, model, batch) -> torch.Tensor:
         logits = causal_logits(model, batch)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),

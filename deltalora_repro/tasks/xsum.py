@@ -225,6 +225,9 @@ class XSumTask(Task):
         return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": decoder_ids,
                 "labels": labels}
 
+    def loss_units(self, example: dict) -> int:
+        return len(example["labels"])                                # summary tokens
+
     def loss(self, model, batch) -> torch.Tensor:
         self._check_decoder_start(model)
         logits = seq2seq_logits(model, batch)

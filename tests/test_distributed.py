@@ -1,0 +1,96 @@
+"""Data-parallel runs on CPU: torchrun starts 2 processes (gloo); each takes half of every global
+batch and the gradients are summed across them. The result must equal one process with the same
+global batch, for every method, with W the same in every process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .conftest import DATA, GLUE, ROOT, needs_glue
+
+DRIVER = ROOT / "tests" / "ddp_runs.py"
+TINY_RTE = ["model=tiny-roberta", "task=glue/rte", f"data_dir={GLUE}", "task.train_max_examples=36",
+            "task.eval_max_examples=16", "task.max_length=48", "train.batch_size=8",
+            "train.epochs=2", "device=cpu", "train.checkpoint=false", "train.log_every=2",
+            "train.progress=false", "train.tensorboard=false", "seed=3",
+            "++task.model_overrides={dropouts: 0.0}"]
+TINY_E2E = ["model=tiny-gpt2", "task=e2e", f"data_dir={DATA / 'e2e'}", "task.train_max_examples=28",
+            "task.eval_max_examples=8", "task.test_max_groups=2", "task.decoding.num_beams=2",
+            "task.decoding.max_new_tokens=8", "task.score=false", "train.batch_size=8",
+            "train.epochs=2", "device=cpu", "train.checkpoint=false", "train.log_every=2",
+            "train.progress=false", "train.tensorboard=false", "seed=1"]
+# Dropout is off: a process draws the masks of its half of a batch, not those one process draws
+# for the whole batch, so with dropout the runs agree in distribution only.
+# The short last batch (36 = 4 x 8 + 4; 28 = 3 x 8 + 4) splits unevenly: the weights must still
+# give the global batch's mean.
+JOBS = {
+    "lora": TINY_RTE + ["method=lora", "method.lora_dropout=0.0"],
+    "delta-explicit": TINY_RTE + ["method=delta-lora", "method.start_steps=2", "method.update=explicit"],
+    "delta-deferred": TINY_RTE + ["method=delta-lora", "method.start_steps=2", "method.update=deferred"],
+    "adalora": TINY_RTE + ["method=adalora", "method.lora_dropout=0.0", "method.rank=4", "method.target_rank=2", "method.tinit=2",
+                           "method.tfinal=2", "method.schedule.delta_t=1"],
+    "dylora": TINY_RTE + ["method=dylora", "method.lora_dropout=0.0"],
+    "ft": TINY_RTE + ["method=ft"],
+    "ft-qv": TINY_RTE + ["method=ft-qv"],
+    "e2e-delta": TINY_E2E + ["method=delta-lora", "method.start_steps=1"],
+    "e2e-accum": TINY_E2E + ["method=lora", "method.lora_dropout=0.0", "train.grad_accum=2"],
+}
+
+
+def _launch(n: int, out: Path, jobs: dict[str, list[str]]) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    args = [f"{name}={'|'.join(overrides)}" for name, overrides in jobs.items()]
+    if n == 1:
+        cmd = [sys.executable, str(DRIVER), str(out), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={n}", str(DRIVER), str(out), *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ddp")
+    _launch(1, base / "one", JOBS)
+    _launch(2, base / "two", JOBS)
+    return base
+
+
+@needs_glue
+@pytest.mark.parametrize("name", list(JOBS))
+def test_two_processes_equal_one_with_the_same_global_batch(outputs, name):
+    one, two = outputs / "one" / name, outputs / "two" / name
+    a, b = load_file(str(one / "weights.safetensors")), load_file(str(two / "weights.safetensors"))
+    assert set(a) == set(b) and a
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+    rec_one = json.loads((one / "run.json").read_text())
+    rec_two = json.loads((two / "run.json").read_text())
+    assert rec_two["world"]["size"] == 2 and rec_one["world"]["size"] == 1
+    assert rec_two["total_steps"] == rec_one["total_steps"]
+    for e1, e2 in zip(rec_one["metrics"]["evals"], rec_two["metrics"]["evals"], strict=True):
+        for k, v in e1.items():
+            assert e2[k] == pytest.approx(v, rel=1e-4, abs=1e-5), (k, e1, e2)
+    # Every epoch ends with the same weights in both processes (Delta-LoRA's W included).
+    sums = rec_two["world"]["checksums"]
+    assert len(sums) == 2 and all(s["equal"] and len(s["checksums"]) == 2 for s in sums)
+    if "predictions" in rec_one:
+        p1 = (one / "predictions.jsonl").read_text()
+        assert (two / "predictions.jsonl").read_text() == p1
+
+
+@needs_glue
+def test_one_run_one_folder_one_record(outputs):
+    """The main process writes the run: one record per run, in the main process's folder."""
+    for name in JOBS:
+        records = list((outputs / "two" / f"{name}-results").rglob("records/**/*.json"))
+        assert len(records) == 1, name
+        assert json.loads(records[0].read_text())["output_dir"] == str(outputs / "two" / name)
