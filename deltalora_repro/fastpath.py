@@ -45,7 +45,7 @@ def graph_safe_methods() -> list[str]:
     return [n for n, m in METHODS.items() if m.graph_safe]
 
 
-def graph_path(cfg: Any, device: torch.device, method: Any) -> bool:
+def graph_path(cfg: Any, device: torch.device, method: Any, processes: int = 1) -> bool:
     """Whether this run takes the CUDA-graph step (train.cuda_graph: auto | true | false).
 
     auto takes it whenever it applies and says so in the log; true demands it and names what
@@ -58,6 +58,12 @@ def graph_path(cfg: Any, device: torch.device, method: Any) -> bool:
     reasons = []
     if device.type != "cuda":
         reasons.append(f"it needs a CUDA device (this run uses {device.type})")
+    if processes > 1:
+        # Each process records its own shapes; with a batch share of another padded length than
+        # its peers', one records (warm-up steps, each with its gradient all-reduce) while
+        # another replays, and their collectives no longer pair up.
+        reasons.append(f"{processes} processes would record steps of different batch shapes "
+                       "(the CUDA-graph step is single-process for now)")
     if cfg.grad_accum != 1:
         reasons.append(f"it records whole steps of one micro-batch (train.grad_accum={cfg.grad_accum})")
     if not method.graph_safe:
@@ -119,9 +125,10 @@ class FastPath:
         return contextlib.nullcontext()
 
 
-def resolve(cfg: Any, device: torch.device, method: Any) -> FastPath:
-    """The run's FastPath from its train config, device and method (errors name the keys)."""
-    graphs = graph_path(cfg, device, method)
+def resolve(cfg: Any, device: torch.device, method: Any, processes: int = 1) -> FastPath:
+    """The run's FastPath from its train config, device, method and number of processes (errors
+    name the keys)."""
+    graphs = graph_path(cfg, device, method, processes)
     scope = compile_scope(cfg)
     if scope == "auto":
         # Compiled blocks inside the recorded step is the fastest GPU path measured (README
