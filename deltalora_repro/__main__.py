@@ -13,7 +13,7 @@ import hydra
 import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from . import records
 from .config import CONFIG_DIR  # the Hydra config groups ship inside the package: an installed copy runs anywhere
@@ -22,14 +22,10 @@ from .sweep import write_job_file
 
 log = logging.getLogger("deltalora_repro")
 
-# A fresh run id each time Hydra resolves a run folder (config.yaml: hydra.run.dir and
-# hydra.sweep.subdir); the run takes its id back from the folder's name.
-if not OmegaConf.has_resolver("deltalora_run_id"):
-    OmegaConf.register_new_resolver("deltalora_run_id", records.new_run_id)
 
 # Config groups chosen on the command line (`group=name`); names may have sub-folders
 # (task=glue/rte, experiment=table4/lora), which Hydra's own error does not list.
-GROUPS = ("model", "task", "method", "train", "experiment")
+GROUPS = ("model", "task", "method", "train", "experiment", "launch")
 # Exit codes: 2 bad input, 3 training diverged (non-finite loss), 128 + signal number when
 # interrupted (130 SIGINT, 143 SIGTERM).
 DIVERGED_EXIT = 3
