@@ -44,11 +44,17 @@ JOBS = {
 }
 
 
-def _launch(n: int, out: Path, jobs: dict[str, list[str]]) -> None:
+def _launch(n: int, out: Path, jobs: dict[str, list[str]], launcher: str = "torchrun") -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     args = [f"{name}={'|'.join(overrides)}" for name, overrides in jobs.items()]
     if n == 1:
         cmd = [sys.executable, str(DRIVER), str(out), *args]
+    elif launcher == "accelerate":
+        # accelerate's multi-process launcher is --multi_gpu (its --cpu starts one process); the
+        # runs themselves say device=cpu, so the processes join over gloo.
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={n}",
+               "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
+               "--main_process_port=29517", str(DRIVER), str(out), *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={n}", str(DRIVER), str(out), *args]
@@ -94,3 +100,18 @@ def test_one_run_one_folder_one_record(outputs):
         records = list((outputs / "two" / f"{name}-results").rglob("records/**/*.json"))
         assert len(records) == 1, name
         assert json.loads(records[0].read_text())["output_dir"] == str(outputs / "two" / name)
+
+
+@needs_glue
+def test_accelerate_launch_gives_the_same_run(outputs):
+    """`accelerate launch` sets the same RANK / WORLD_SIZE / LOCAL_RANK as torchrun: the same run."""
+    jobs = {name: JOBS[name] for name in ("lora", "delta-explicit")}
+    _launch(2, outputs / "accelerate", jobs, launcher="accelerate")
+    for name in jobs:
+        one = load_file(str(outputs / "one" / name / "weights.safetensors"))
+        acc = load_file(str(outputs / "accelerate" / name / "weights.safetensors"))
+        assert set(one) == set(acc)
+        for key in one:
+            torch.testing.assert_close(acc[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
+        record = json.loads((outputs / "accelerate" / name / "run.json").read_text())
+        assert record["world"]["size"] == 2 and all(s["equal"] for s in record["world"]["checksums"])
