@@ -22,7 +22,7 @@ from .errors import ConfigError, DataError
 from .methods import METHODS
 from .models import canonical_name
 from .progress import disable_flag, progress_bars
-from .train import Trainer, TrainingDiverged, TrainingInterrupted
+from .train import Trainer, TrainingDiverged, TrainingInterrupted, check_batch_split
 from .world import World
 
 log = logging.getLogger(__name__)
@@ -89,9 +89,6 @@ def validate(cfg: Any) -> None:
             good = False
         if not good:
             raise ConfigError(f"{key} must be {want}, got {value!r}")
-    if t.batch_size % t.grad_accum:
-        raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by train.grad_accum "
-                          f"{t.grad_accum}")
     fastpath.compile_scope(t)              # train.compile: a clear error before loading anything
     disable_flag(t.get("progress", "auto"))   # train.progress: auto | true | false
     if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
@@ -163,6 +160,7 @@ def run(cfg: Any) -> dict:
     """Train and evaluate one configuration; return the run record (also written to disk)."""
     validate(cfg)
     world = World.from_env(cfg.device)      # one process, or one of those torchrun started
+    check_batch_split(cfg.train, world.size)  # before anything loads
     device = world.device
     tcfg = cfg.train
     precision = tcfg.precision if tcfg.precision != "auto" else (

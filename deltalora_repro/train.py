@@ -72,6 +72,15 @@ def total_steps(cfg: Any, n_examples: int) -> int:
     return min(total, cfg.max_steps) if cfg.max_steps else total
 
 
+def check_batch_split(cfg: Any, processes: int) -> None:
+    """train.batch_size (the global batch) must split evenly into grad_accum micro-batches in
+    each of the processes."""
+    if cfg.batch_size % (cfg.grad_accum * processes):
+        raise ConfigError(f"train.batch_size {cfg.batch_size} is not divisible by "
+                          f"train.grad_accum {cfg.grad_accum}" +
+                          (f" x {processes} processes" if processes > 1 else ""))
+
+
 def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -87,10 +96,7 @@ class Trainer:
                  n_total_steps: int, fast: FastPath | None = None):
         self.model, self.method, self.task, self.cfg, self.world = model, method, task, cfg, world
         self.device = device = world.device
-        if cfg.batch_size % (cfg.grad_accum * world.size):
-            raise ConfigError(f"train.batch_size {cfg.batch_size} is not divisible by "
-                              f"train.grad_accum {cfg.grad_accum}" +
-                              (f" x {world.size} processes" if world.size > 1 else ""))
+        check_batch_split(cfg, world.size)
         # train.batch_size is the global batch of one optimizer step, whatever the processes.
         self.micro_batch = cfg.batch_size // world.size // cfg.grad_accum
         self.total_steps = n_total_steps

@@ -115,3 +115,15 @@ def test_accelerate_launch_gives_the_same_run(outputs):
             torch.testing.assert_close(acc[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
         record = json.loads((outputs / "accelerate" / name / "run.json").read_text())
         assert record["world"]["size"] == 2 and all(s["equal"] for s in record["world"]["checksums"])
+
+
+def test_a_global_batch_that_does_not_split_over_the_processes_is_refused():
+    from omegaconf import OmegaConf
+
+    from deltalora_repro.errors import ConfigError
+    from deltalora_repro.train import check_batch_split
+    check_batch_split(OmegaConf.create({"batch_size": 8, "grad_accum": 2}), 2)   # 2 x 2 x 2
+    with pytest.raises(ConfigError, match=r"train.batch_size 6 is not divisible by train.grad_accum 2 x 2 processes"):
+        check_batch_split(OmegaConf.create({"batch_size": 6, "grad_accum": 2}), 2)
+    with pytest.raises(ConfigError, match=r"not divisible by train.grad_accum 3$"):
+        check_batch_split(OmegaConf.create({"batch_size": 8, "grad_accum": 3}), 1)
