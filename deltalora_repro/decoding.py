@@ -77,31 +77,36 @@ class BeamConfig:
 
 
 def beam_search(model, prompts: list[list[int]], cfg: BeamConfig, pad_token_id: int,
-                batch_size: int = 64) -> list[list[int]]:
+                batch_size: int = 64, world=None) -> list[list[int]]:
     """Per prompt, the generated token ids of the best hypothesis, without the end token.
 
     `model` is a Hugging Face causal LM (or anything with the same call: input_ids,
     attention_mask, position_ids, past_key_values -> .logits, .past_key_values). `batch_size`
-    counts prompts; one forward carries `batch_size * num_beams` rows.
+    counts prompts; one forward carries `batch_size * num_beams` rows. `world`: several
+    processes share the chunks (World.take) and every process gets every output; each chunk is
+    the one a single process searches, so the outputs are the same.
     """
     _check(cfg, prompts, batch_size)
     if pad_token_id is None:  # GPT-2's tokenizer has none; pads are masked, any valid id works
         pad_token_id = cfg.end_token_ids[0] if cfg.end_token_ids else 0
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding per chunk
-    out: list[list[int]] = [[] for _ in prompts]
+    out: dict[int, list[int]] = {}
     was_training = model.training
     model.eval()
     try:
         with _decode_attention():
             chunks = range(0, len(order), batch_size)
-            for start in bar(chunks, desc=f"decode ({len(prompts)} prompts)", unit="chunk"):
+            mine = [chunks[j] for j in world.take(len(chunks))] if world is not None else chunks
+            for start in bar(mine, desc=f"decode ({len(prompts)} prompts)", unit="chunk"):
                 idx = order[start:start + batch_size]
                 for i, toks in zip(idx, _search_chunk(model, [prompts[i] for i in idx], cfg,
                                                       pad_token_id)):
                     out[i] = toks
     finally:
         model.train(was_training)
-    return out
+    if world is not None:
+        out = world.merge(out)
+    return [out[i] for i in range(len(prompts))]
 
 
 def _decode_attention():

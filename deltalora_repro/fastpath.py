@@ -58,12 +58,6 @@ def graph_path(cfg: Any, device: torch.device, method: Any, processes: int = 1) 
     reasons = []
     if device.type != "cuda":
         reasons.append(f"it needs a CUDA device (this run uses {device.type})")
-    if processes > 1:
-        # Each process records its own shapes; with a batch share of another padded length than
-        # its peers', one records (warm-up steps, each with its gradient all-reduce) while
-        # another replays, and their collectives no longer pair up.
-        reasons.append(f"{processes} processes would record steps of different batch shapes "
-                       "(the CUDA-graph step is single-process for now)")
     if cfg.grad_accum != 1:
         reasons.append(f"it records whole steps of one micro-batch (train.grad_accum={cfg.grad_accum})")
     if not method.graph_safe:
@@ -175,8 +169,9 @@ def compile_blocks(model: torch.nn.Module, backend: str, mode: str | None, dynam
 class _StepGraph:
     """One recorded optimizer step: the graph, its static input buffers and its loss output."""
 
-    def __init__(self, graph, inputs: dict[str, torch.Tensor], loss: torch.Tensor):
-        self.graph, self.inputs, self.loss = graph, inputs, loss
+    def __init__(self, graph, inputs: dict[str, torch.Tensor], loss: torch.Tensor,
+                 weight: torch.Tensor | None = None):
+        self.graph, self.inputs, self.loss, self.weight = graph, inputs, loss, weight
 
 
 class GraphSteps:
@@ -197,19 +192,29 @@ class GraphSteps:
         return len(self._graphs)
 
     def run(self, micro_batches: list[dict]) -> torch.Tensor:
-        """One recorded step (recorded first if its shape or the method's phase is new)."""
+        """One recorded step (recorded first if its shape or the method's phase is new).
+
+        Several processes: each one's step holds a gradient all-reduce, so all must record at
+        the same steps (a warm-up's all-reduce against a replay's would not pair up). They key
+        their graphs by the whole step's shape in every process (StepBatches.key, the same in
+        all), so a shape new to one is new to all; the share of the loss is a graph input."""
         (batch,) = micro_batches          # graph_path() guarantees grad_accum == 1
         phase = self.loop.method.graph_phase()
         if phase != self._phase:
             # The method's step changed (Delta-LoRA's deferred sum began): record anew.
             self._graphs.clear()
             self._phase = phase
-        key = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(batch.items()))
+        key = getattr(micro_batches, "key", None) or \
+            tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(batch.items()))
+        weights = getattr(micro_batches, "weights", None)
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._graphs[key] = self._capture(batch)
+            entry = self._graphs[key] = self._capture(batch, weighted=weights is not None)
         for k, v in batch.items():
             entry.inputs[k].copy_(v.pin_memory(), non_blocking=True)
+        if entry.weight is not None:
+            entry.weight.copy_(torch.tensor(weights[0], dtype=torch.float32).pin_memory(),
+                               non_blocking=True)
         entry.graph.replay()
         return entry.loss.clone()
 
@@ -234,18 +239,21 @@ class GraphSteps:
         torch.set_rng_state(cpu_rng)
         torch.cuda.set_rng_state(cuda_rng, self.device)
 
-    def _capture(self, batch: dict[str, torch.Tensor]) -> _StepGraph:
+    def _capture(self, batch: dict[str, torch.Tensor], weighted: bool = False) -> _StepGraph:
         """Record one step for this batch shape. Two warm-up steps on a side stream initialise
         what is created lazily (cuBLAS workspaces, AdamW state, autograd streams); everything they
         change (parameters, optimizer state, random state) is restored before recording, so the
         run's numbers do not depend on when shapes are first seen."""
         inputs = {k: v.to(self.device) for k, v in batch.items()}
+        # The step's share of the global batch's loss, read by the graph at each replay.
+        weight = torch.ones((), device=self.device) if weighted else None
+        args = (inputs,) if weight is None else (inputs, weight)
         snap = self._snapshot()
         side = self.stream
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.loop.body(inputs)
+                self.loop.body(*args)
         torch.cuda.current_stream(self.device).wait_stream(side)
         self._restore(snap)
         graph = torch.cuda.CUDAGraph()
@@ -254,7 +262,7 @@ class GraphSteps:
         no_recompile = (torch.compiler.set_stance("fail_on_recompile")
                         if self.fast.compile == "blocks" else contextlib.nullcontext())
         with no_recompile, torch.cuda.graph(graph, pool=self.pool, stream=side):
-            loss = self.loop.body(inputs)
+            loss = self.loop.body(*args)
         log.info("recorded a CUDA graph for batch shape %s (%d so far)",
                  {k: tuple(v.shape) for k, v in batch.items()}, len(self._graphs) + 1)
-        return _StepGraph(graph, inputs, loss)
+        return _StepGraph(graph, inputs, loss, weight)

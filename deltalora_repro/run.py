@@ -254,10 +254,6 @@ def run(cfg: Any) -> dict:
             record["train_time_s"] = time.perf_counter() - t_train
             if trainer.checksums:
                 record["world"]["checksums"] = trainer.checksums
-            if not world.is_main:
-                # The test set, the record and the weights are the main process's.
-                record["status"] = "completed"
-                return record
             result = _evaluate_and_save(cfg, record, trainer, task, model, method, device,
                                         output_dir, results_dir, run_id)
         record["status"] = "completed"
@@ -302,9 +298,12 @@ def _evaluate_and_save(cfg, record, trainer, task, model, method, device, output
     method.eval_settings()[0][1]()                # the reported setting (DyLoRA: full rank)
     t_test = time.perf_counter()
     with trainer.eager():
-        test_metrics = task.test(model, device, output_dir)
+        # Several processes decode their shares of the test set; the main one writes and scores.
+        test_metrics = task.test(model, device, output_dir if trainer.world.is_main else None)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    if not trainer.world.is_main:
+        return record                 # the record and the weights are the main process's
     predictions = _keep_predictions(output_dir, results_dir, cfg, run_id)
     if predictions is not None:
         record["test_time_s"] = time.perf_counter() - t_test

@@ -96,6 +96,7 @@ class Trainer:
                  n_total_steps: int, fast: FastPath | None = None):
         self.model, self.method, self.task, self.cfg, self.world = model, method, task, cfg, world
         self.device = device = world.device
+        task.world = world        # the processes share evaluation and decoding
         check_batch_split(cfg, world.size)
         # train.batch_size is the global batch of one optimizer step, whatever the processes.
         self.micro_batch = cfg.batch_size // world.size // cfg.grad_accum
@@ -199,18 +200,33 @@ class Trainer:
         units (examples, or target tokens) over the whole global batch's, so that any split over
         micro-batches and processes gives the gradient of the global batch's mean loss."""
         order = torch.randperm(len(examples), generator=self.generator).tolist()
-        rank = self.world.rank
+        rank, size, micro = self.world.rank, self.world.size, self.micro_batch
         for i in range(skip * self.cfg.batch_size, len(order), self.cfg.batch_size):
             chunk = order[i:i + self.cfg.batch_size]
             # Even shares (a short last batch too), so no process idles while others work.
-            size = self.world.size
-            mine = chunk[rank * len(chunk) // size:(rank + 1) * len(chunk) // size]
-            parts = [[examples[j] for j in mine[k:k + self.micro_batch]]
-                     for k in range(0, len(mine), self.micro_batch)]
-            step = StepBatches(self.task.collate(part) for part in parts)
-            if self.world.size > 1 or len(parts) > 1:
-                total = sum(self.task.loss_units(examples[j]) for j in chunk)
-                step.weights = [sum(self.task.loss_units(e) for e in part) / total for part in parts]
+            bounds = [r * len(chunk) // size for r in range(size + 1)]
+            lo, hi = bounds[rank], bounds[rank + 1]
+            if size == 1:
+                step = StepBatches(self.task.collate([examples[j] for j in chunk[a:a + micro]])
+                                   for a in range(0, len(chunk), micro))
+            else:
+                # The whole global batch is collated (padded to its bucket) and each process
+                # takes its rows: every process's batches then have the same padded length, so
+                # their steps have the same shapes. The CUDA-graph step needs that (its recorded
+                # gradient all-reduce must pair up across processes), and equal shapes make
+                # equal work. Padding a row further changes none of its real positions.
+                whole = self.task.collate([examples[j] for j in chunk])
+                step = StepBatches({k: v[a:min(a + micro, hi)] for k, v in whole.items()}
+                                   for a in range(lo, hi, micro))
+                # What every process's step looks like, known to all of them: a CUDA-graph step
+                # is recorded by all at once, when this changes (GraphSteps).
+                step.key = (tuple(bounds), tuple((k, tuple(v.shape[1:])) for k, v in
+                                                 sorted(whole.items())))
+            if size > 1 or len(step) > 1:
+                units = [self.task.loss_units(examples[j]) for j in chunk]
+                total = sum(units)
+                step.weights = [sum(units[a:min(a + micro, hi)]) / total
+                                for a in range(lo, hi, micro)]
             yield step
 
     def forward_backward(self, batch: dict[str, torch.Tensor], weight: float = 1.0) -> torch.Tensor:
@@ -221,7 +237,7 @@ class Trainer:
             extra = self.method.extra_loss(self.model)
             if extra is not None:
                 loss = loss + extra
-        if weight != 1.0:
+        if isinstance(weight, torch.Tensor) or weight != 1.0:   # a tensor: the graph step's input
             loss = loss * weight
         loss.backward()
         return loss.detach()
@@ -244,11 +260,12 @@ class Trainer:
             self._fold_nonfinite(norm)
         self.optimizer.step()
 
-    def body(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def body(self, batch: dict[str, torch.Tensor], weight: torch.Tensor | float = 1.0) -> torch.Tensor:
         """One whole step of one micro-batch, gradients cleared at its end: what a CUDA graph
         records (clearing inside the graph keeps gradients alive only during a replay, so every
-        shape's graph can share one memory pool)."""
-        loss = self.forward_backward(batch)
+        shape's graph can share one memory pool). `weight`: this process's share of the global
+        batch's loss (several processes; a device tensor that the graph reads)."""
+        loss = self.forward_backward(batch, weight)
         self.reduce(loss)
         self.optimizer_step(loss)
         self.optimizer.zero_grad(set_to_none=True)
@@ -457,9 +474,11 @@ class Trainer:
 
 class StepBatches(list):
     """One optimizer step's micro-batches (collated) and, when they are not equal shares of one
-    process's whole batch, each one's weight in the step's loss."""
+    process's whole batch, each one's weight in the step's loss. `key` (several processes): the
+    shape of the whole step in every process, the same in all of them."""
 
     weights: list[float] | None = None
+    key: tuple | None = None
 
 
 def batch_tokens(micro_batches: list[dict]) -> int:

@@ -108,6 +108,23 @@ class World:
         self._dist().all_gather_object(out, obj)
         return out
 
+    def take(self, n: int) -> range:
+        """This process's items of `n` equal-cost work items (evaluation batches, decoding
+        chunks): every size-th one from its rank on. Taken round robin because the items come
+        sorted by length (decoding), so each process gets a similar mix of long and short ones.
+        The items are those one process makes, so each is computed exactly as one process
+        computes it (same rows, same padding)."""
+        return range(self.rank, n, self.size)
+
+    def merge(self, mine: dict[int, Any]) -> dict[int, Any]:
+        """The results {item: value} of every process's items, in every process."""
+        if self.size == 1:
+            return dict(mine)
+        out: dict[int, Any] = {}
+        for part in self.gather(mine):
+            out.update(part)
+        return out
+
     def barrier(self) -> None:
         if self.size > 1:
             self._dist().barrier()

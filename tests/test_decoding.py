@@ -180,6 +180,39 @@ def test_finished_prompts_leave_the_batch():
     assert len(rows) <= cfg.max_new_tokens
 
 
+def test_processes_search_their_share_of_the_chunks_and_get_every_output():
+    """Several processes: each searches every size-th chunk of the ones a single process would
+    search (same prompts per chunk, so the same answers) and every process ends with all of
+    them. The two processes are played in turn here (World.merge's exchange: the first one played
+    is handed the one-process outputs for the share it has not received yet)."""
+    from deltalora_repro.world import World
+    model = random_gpt2()
+    cfg = dataclasses.replace(CONFIGS[0][0], end_token_ids=tuple(favourite_tokens(model)[:2]))
+    one = beam_search(model, PROMPTS, cfg, pad_token_id=0, batch_size=2)   # 6 prompts: 3 chunks
+    shares: dict[int, dict] = {}
+
+    class Played(World):
+        def merge(self, mine):
+            shares[self.rank] = dict(mine)
+            got = {k: v for part in shares.values() for k, v in part.items()}
+            return {**dict(enumerate(one)), **got} if self.rank == 1 else got
+
+    searched = []
+    real = decoding._search_chunk
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(decoding, "_search_chunk", lambda model, prompts, *a: searched.append(prompts)
+                  or real(model, prompts, *a))
+        beam_search(model, PROMPTS, cfg, pad_token_id=0, batch_size=2,
+                    world=Played(rank=1, size=2, local_rank=1, device=torch.device("cpu")))
+        assert len(searched) == 1                  # chunk 1 of 0, 1, 2
+        two = beam_search(model, PROMPTS, cfg, pad_token_id=0, batch_size=2,
+                          world=Played(rank=0, size=2, local_rank=0, device=torch.device("cpu")))
+    assert len(searched) == 3                      # chunks 0 and 2: each chunk once in all
+    by_length = sorted(PROMPTS, key=len)           # chunks hold the prompts sorted by length
+    assert searched == [by_length[2:4], by_length[0:2], by_length[4:6]]
+    assert two == one
+
+
 def test_left_padding_does_not_change_answers():
     """The property the batching relies on (GPT-2 needs explicit position ids for it)."""
     for model in (random_gpt2(), random_llama()):

@@ -117,6 +117,35 @@ def test_accelerate_launch_gives_the_same_run(outputs):
         assert record["world"]["size"] == 2 and all(s["equal"] for s in record["world"]["checksums"])
 
 
+@needs_glue
+def test_a_stopped_run_resumes_exactly_with_the_same_processes(outputs):
+    """SIGTERM to the main process of 2 after step 3: they agree to stop at the next log point
+    (step 4, train.log_every=2), checkpoint, and a 2-process resume ends bit-identical to the
+    uninterrupted 2-process run; a 1-process resume of that checkpoint ends equal within float
+    tolerance (the same global batches, summed in another order)."""
+    ckpt = ["train.checkpoint=true"]
+    name = "delta-explicit"
+    base = outputs / "resume"
+    _launch(2, base / "stop", {f"{name}@3": JOBS[name] + ckpt})
+    (record,) = (base / "stop" / f"{name}-results").rglob("records/**/*.json")
+    stopped = json.loads(record.read_text())
+    assert stopped["status"] == "interrupted" and stopped["checkpoint"]["step"] == 4
+    resume = [*JOBS[name], *ckpt, f"resume={base / 'stop' / name}"]
+    _launch(2, base / "two", {name: resume})
+    _launch(1, base / "one", {name: resume})
+    straight = load_file(str(outputs / "two" / name / "weights.safetensors"))
+    again = load_file(str(base / "two" / name / "weights.safetensors"))
+    single = load_file(str(base / "one" / name / "weights.safetensors"))
+    assert set(again) == set(straight) == set(single)
+    for key in straight:
+        torch.testing.assert_close(again[key], straight[key], rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(single[key], straight[key], rtol=1e-5, atol=1e-6, msg=key)
+    record = json.loads((base / "two" / name / "run.json").read_text())
+    assert record["resumed_from"]["step"] == 4 and record["world"]["size"] == 2
+    assert record["metrics"]["evals"] == json.loads(
+        (outputs / "two" / name / "run.json").read_text())["metrics"]["evals"]
+
+
 def test_a_global_batch_that_does_not_split_over_the_processes_is_refused():
     from omegaconf import OmegaConf
 

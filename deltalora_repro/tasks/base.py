@@ -23,6 +23,9 @@ class Task:
     metric = ""                   # primary per-epoch metric key, selects the best epoch
     metric_mode = "max"           # "max" (accuracy) or "min" (validation loss)
 
+    # The processes that share evaluation and decoding (set by the Trainer; one by default).
+    world = None
+
     def __init__(self, cfg: Any, data_dir: str | None):
         self.cfg = cfg
         self.data_dir = data_dir
@@ -133,11 +136,14 @@ def length_mask(lengths: Sequence[int], length: int) -> torch.Tensor:
 
 @torch.no_grad()
 def validation_loss(model, data: list[dict], collate: Callable, logits_fn: Callable, device,
-                    batch_size: int, shift: bool) -> dict[str, float]:
+                    batch_size: int, shift: bool, world=None) -> dict[str, float]:
     """Token-level loss (and perplexity) of the labels of `data`, summed over the set and divided
-    by its labelled tokens; `shift`: a causal LM's logits at t predict the label at t + 1."""
+    by its labelled tokens; `shift`: a causal LM's logits at t predict the label at t + 1.
+    Several processes (`world`): each takes its share of the batches, the sums are added up."""
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-    for i in bar(range(0, len(data), batch_size), desc="eval validation", unit="batch"):
+    starts = range(0, len(data), batch_size)
+    mine = [starts[j] for j in world.take(len(starts))] if world is not None else starts
+    for i in bar(mine, desc="eval validation", unit="batch"):
         batch = {k: v.to(device) for k, v in collate(data[i:i + batch_size]).items()}
         logits = logits_fn(model, batch)
         labels = batch["labels"]
@@ -146,6 +152,8 @@ def validation_loss(model, data: list[dict], collate: Callable, logits_fn: Calla
         total += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
                                  ignore_index=-100, reduction="sum")
         count += (labels != -100).sum()
+    if world is not None:
+        world.all_reduce_sum_([total, count])
     loss = float(total / count)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 

@@ -70,15 +70,22 @@ class GlueTask(Task):
     def evaluate(self, model, device, batch_size: int) -> dict[str, float]:
         out = {}
         for name in self.eval_names:
-            preds, labels = [], []
             data = self.encoded[name]
-            for i in bar(range(0, len(data), batch_size), desc=f"eval {name}", unit="batch"):
+            starts = range(0, len(data), batch_size)
+            # Several processes: each takes its share of the batches; the predictions are merged.
+            mine = [starts[j] for j in self.world.take(len(starts))] if self.world else starts
+            outs = {}
+            for i in bar(mine, desc=f"eval {name}", unit="batch"):
                 batch = {k: v.to(device) for k, v in self.collate(data[i:i + batch_size]).items()}
                 logits = self._logits(model, batch).float()
-                preds.append(logits.squeeze(-1) if self.regression else logits.argmax(-1))
-                labels.append(batch["labels"])
-            metrics = glue_metrics(self.spec.name, torch.cat(preds).cpu().numpy(),
-                                   torch.cat(labels).cpu().numpy())
+                pred = logits.squeeze(-1) if self.regression else logits.argmax(-1)
+                outs[i] = (pred, batch["labels"])
+            outs = {i: (p.cpu(), y.cpu()) for i, (p, y) in outs.items()}   # after the loop: one wait
+            if self.world:
+                outs = self.world.merge(outs)
+            preds = [outs[i][0] for i in starts]
+            labels = [outs[i][1] for i in starts]
+            metrics = glue_metrics(self.spec.name, torch.cat(preds).numpy(), torch.cat(labels).numpy())
             prefix = "" if name == self.spec.eval_split else f"{name}/"
             out.update({prefix + k: float(v) for k, v in metrics.items()})
         return out

@@ -159,7 +159,7 @@ class NLGTask(Task):
     def evaluate(self, model, device, batch_size: int) -> dict[str, float]:
         """Per-epoch: token-level loss on the validation references (cheap; decoding is for test)."""
         return validation_loss(model, self.encoded["validation"], self.collate, causal_logits,
-                               device, batch_size, shift=True)
+                               device, batch_size, shift=True, world=self.world)
 
     # -- test: decode every distinct input once, then score ----------------------------------------
     def beam_config(self) -> BeamConfig:
@@ -172,7 +172,7 @@ class NLGTask(Task):
     def decode(self, model, contexts: list[str]) -> list[str]:
         prompts = [self.encode_context(c) for c in contexts]
         outs = beam_search(model, prompts, self.beam_config(), pad_token_id=self.tokenizer.pad_token_id,
-                           batch_size=self.cfg.decoding.batch_size)
+                           batch_size=self.cfg.decoding.batch_size, world=self.world)
         # As the LoRA repository's decode step: the text before the first end marker, stripped.
         texts = [self.tokenizer.decode(o, skip_special_tokens=True) for o in outs]
         return [t.split("\n\n")[0].strip() for t in texts]
@@ -186,6 +186,8 @@ class NLGTask(Task):
                  "seen": ex.seen} for (ex, refs), pred in zip(self.test_groups, predictions)]
         if output_dir is not None:
             write_predictions(output_dir, rows)
+        if self.world is not None and not self.world.is_main:
+            return {}                     # every process has the outputs; the main one scores
         if not self.cfg.get("score", True):
             # Decoded on a machine without Java (METEOR, PTB tokenizer): score later from the
             # kept predictions with `python -m deltalora_repro.score_run RECORD`.

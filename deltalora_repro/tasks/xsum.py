@@ -239,7 +239,7 @@ class XSumTask(Task):
         """Per-epoch: token-level loss on the validation summaries (decoding is for test)."""
         self._check_decoder_start(model)
         return validation_loss(model, self.encoded["validation"], self.collate, seq2seq_logits,
-                               device, batch_size, shift=False)
+                               device, batch_size, shift=False, world=self.world)
 
     # -- test: beam search over the test articles, then ROUGE -------------------------------------
     def generation_kwargs(self) -> dict:
@@ -260,9 +260,12 @@ class XSumTask(Task):
         self._check_decoder_start(model)
         order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
         size = self.cfg.decoding.batch_size
-        out: list[str | None] = [None] * len(examples)
+        starts = range(0, len(order), size)
+        # Several processes: each decodes its share of the chunks one process would decode.
+        mine = [starts[j] for j in self.world.take(len(starts))] if self.world else starts
+        out: dict[int, str] = {}
         kwargs = self.generation_kwargs()
-        for start in bar(range(0, len(order), size), desc="decode test", unit="chunk"):
+        for start in bar(mine, desc="decode test", unit="chunk"):
             chunk = order[start:start + size]
             batch = self.collate([examples[i] for i in chunk])
             # generate() expands the 2-D mask over the beams itself.
@@ -272,7 +275,9 @@ class XSumTask(Task):
             for i, text in zip(chunk, texts):
                 out[i] = text.strip()
             log.info("decoded %d/%d test articles", min(start + size, len(order)), len(order))
-        return out
+        if self.world:
+            out = self.world.merge(out)
+        return [out[i] for i in range(len(examples))]
 
     decodes = True
 
@@ -291,6 +296,8 @@ class XSumTask(Task):
                  "reference": row["summary"]} for row, pred in zip(self.rows["test"], predictions)]
         if output_dir is not None:
             write_predictions(output_dir, rows)
+        if self.world is not None and not self.world.is_main:
+            return {}                     # every process has the outputs; the main one scores
         if not self.cfg.get("score", True):
             return {}
         with stage(f"scoring {len(predictions)} test summaries (ROUGE)"):
