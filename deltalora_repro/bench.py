@@ -185,7 +185,11 @@ def bench_config(method_name: str, batch: int, precision: str, path: str,
 
 def bench_one(shape: str, method_name: str, lengths: list[int], batch: int, precision: str,
               path: str, steps: int, warmup: int, device: torch.device, seed: int = 0,
-              compile_options: dict | None = None, delta_update: str = "auto") -> dict:
+              compile_options: dict | None = None, delta_update: str = "auto",
+              world: World | None = None) -> dict:
+    """One timing row. `world` (several processes, started by torchrun): `batch` stays the
+    global batch; each process steps its share of it, as a data-parallel run does."""
+    world = world or World.single(device)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
     model_type, head, kwargs = SHAPES[shape]
     cls = {"causal-lm": AutoModelForCausalLM, "classification": AutoModelForSequenceClassification,
@@ -206,11 +210,11 @@ def bench_one(shape: str, method_name: str, lengths: list[int], batch: int, prec
         built = build(cfg, data=False, total_steps=total, task=task, model=(model, None, {}))
         model, method = built.model, built.method
     model = model.to(device)
-    trainer = Trainer(model, method, task, cfg.train, World.single(device), seed, total)
+    trainer = Trainer(model, method, task, cfg.train, world, seed, total)
     trainer.start()
     gen = torch.Generator().manual_seed(seed)
     order = torch.randint(0, len(lengths), (total, batch), generator=gen).tolist()
-    batches = [[task.batch([lengths[i] for i in row], gen)] for row in order]
+    batches = [_share(task.batch([lengths[i] for i in row], gen), world) for row in order]
     real_tokens = [sum(lengths[i] for i in row) for row in order]
     times = []
     torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
@@ -238,6 +242,7 @@ def bench_one(shape: str, method_name: str, lengths: list[int], batch: int, prec
     med = statistics.median(times)
     tok = statistics.mean(real_tokens[warmup:])
     return {"shape": shape, "method": method_name, "batch": batch, "precision": precision,
+            "processes": world.size,
             "path": path, "compile_options": compile_options or {},
             "delta_update": method.update_mode, "step_ms_median": med,
             "step_ms_p10": statistics.quantiles(times, n=10)[0],
@@ -249,6 +254,22 @@ def bench_one(shape: str, method_name: str, lengths: list[int], batch: int, prec
             # Wall time of the warm-up steps: includes recording graphs and compiling.
             "warmup_wall_s": warmup_s,
             "compiled_graphs": counters["stats"].get("unique_graphs", 0)}
+
+
+def _share(whole: dict, world: World) -> list[dict]:
+    """One step's micro-batches for this process: the global batch, or (several processes) its
+    rows of it at the global batch's padded length, with its share of the loss, as
+    Trainer.step_batches makes them."""
+    from .train import StepBatches
+    if world.size == 1:
+        return [whole]
+    n = len(whole["input_ids"])
+    bounds = [r * n // world.size for r in range(world.size + 1)]
+    lo, hi = bounds[world.rank], bounds[world.rank + 1]
+    step = StepBatches([{k: v[lo:hi] for k, v in whole.items()}])
+    step.weights = [(hi - lo) / n]
+    step.key = (tuple(bounds), tuple((k, tuple(v.shape[1:])) for k, v in sorted(whole.items())))
+    return step
 
 
 def _decode_prompt_lengths(data_dir: Path) -> list[int]:
@@ -334,6 +355,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="JSON inductor settings for the compiled paths, e.g. '{\"shape_padding\": false}'")
     ap.add_argument("--delta-update", default="auto", choices=("auto", "explicit", "deferred"),
                     help="Delta-LoRA's method.update for every row")
+    ap.add_argument("--processes", default="1",
+                    help="comma list of process counts (data parallel, one GPU each, through "
+                         "torchrun): each row at the same global --batch, e.g. 1,2")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--decode", action="store_true",
@@ -357,6 +381,14 @@ def main(argv: list[str] | None = None) -> None:
     methods = args.methods.split(",")
     for bad in [m for m in methods if m != "peft-lora" and m not in METHODS]:
         raise SystemExit(f"--methods {bad!r}; valid: peft-lora, {', '.join(sorted(METHODS))}")
+    try:
+        counts = sorted({int(n) for n in args.processes.split(",")})
+        assert counts and counts[0] >= 1
+    except (ValueError, AssertionError):
+        raise SystemExit(f"--processes {args.processes!r}: a comma list of positive integers") from None
+    import os
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:          # a worker that torchrun started
+        return _worker(args, methods, precisions, paths)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     run_id = args.name or records.new_run_id()
@@ -382,28 +414,72 @@ def main(argv: list[str] | None = None) -> None:
     else:
         lengths = _lengths(args.lengths, args.data)
         record["lengths"] = {"source": args.lengths, "n": len(lengths), "mean": statistics.mean(lengths)}
-        for precision in precisions:
-            for path in paths:
-                for method in methods:
-                    if method == "peft-lora" and path != "plain":
-                        continue          # the baseline is the plain PEFT + eager step only
-                    torch._dynamo.reset()
-                    try:
-                        row = bench_one(args.shape, method, lengths, args.batch, precision, path,
-                                        args.steps, args.warmup, device,
-                                        compile_options=json.loads(args.compile_options),
-                                        delta_update=args.delta_update)
-                    except Exception as e:   # recorded, not hidden: the other settings still run
-                        row = {"shape": args.shape, "method": method, "batch": args.batch,
-                               "precision": precision, "path": path,
-                               "error": f"{type(e).__name__}: {e}"[:2000]}
-                    save(row)
-                    # Free the setting's model, graphs and compiled code before the next one.
-                    gc.collect()
-                    torch._dynamo.reset()
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+        if counts != [1]:
+            record["kind"] = "bench-data-parallel"
+        if counts[0] == 1:
+            for row in _rows(args, methods, precisions, paths, lengths, device, World.single(device)):
+                save(row)
+        for n in (c for c in counts if c > 1):
+            # Several processes: torchrun starts them (one GPU each); they time the same rows
+            # at the same global batch, and their main process's rows join this record.
+            for row in _launch_workers(n, argv, f"{run_id}-{n}p"):
+                save(row)
     print(render(record))
+
+
+def _rows(args, methods, precisions, paths, lengths, device, world):
+    """Every timing row of the command line, one by one (the caller saves each at once)."""
+    for precision in precisions:
+        for path in paths:
+            for method in methods:
+                if method == "peft-lora" and path != "plain":
+                    continue              # the baseline is the plain PEFT + eager step only
+                torch._dynamo.reset()
+                try:
+                    row = bench_one(args.shape, method, lengths, args.batch, precision, path,
+                                    args.steps, args.warmup, device,
+                                    compile_options=json.loads(args.compile_options),
+                                    delta_update=args.delta_update, world=world)
+                except Exception as e:     # recorded, not hidden: the other settings still run
+                    row = {"shape": args.shape, "method": method, "batch": args.batch,
+                           "precision": precision, "path": path, "processes": world.size,
+                           "error": f"{type(e).__name__}: {e}"[:2000]}
+                yield row
+                # Free the setting's model, graphs and compiled code before the next one.
+                gc.collect()
+                torch._dynamo.reset()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+
+def _worker(args, methods, precisions, paths) -> None:
+    """One of the processes `--processes N` started: time the rows data-parallel; the main
+    process writes them (the parent adds them to its record)."""
+    world = World.from_env("auto")
+    rows = []
+    for row in _rows(args, methods, precisions, paths, _lengths(args.lengths, args.data),
+                     world.device, world):
+        rows.append(row)
+        if world.is_main:          # after every row, as the parent's record
+            records.write_json_atomic(args.out / f"{args.name}.json", {"rows": rows}, overwrite=True)
+
+
+def _launch_workers(n: int, argv: list[str] | None, name: str) -> list[dict]:
+    import subprocess
+    import sys
+    import tempfile
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+               "-m", "deltalora_repro.bench", *argv, "--processes", str(n), "--out", tmp,
+               "--name", name]
+        done = subprocess.run(cmd)
+        result = Path(tmp) / f"{name}.json"
+        rows = json.loads(result.read_text())["rows"] if result.is_file() else []
+        if done.returncode != 0:
+            rows.append({"processes": n, "error": f"torchrun with {n} processes exited with "
+                                                  f"{done.returncode} (its output is above)"})
+        return rows
 
 
 def render(record: dict) -> str:
@@ -420,25 +496,33 @@ def render(record: dict) -> str:
         return "\n".join(lines)
     rows = record["rows"]
     path_of = lambda r: r.get("path", r.get("compile"))  # noqa: E731  (older records: "compile")
-    find = {(r["shape"], r["precision"], path_of(r), r["method"]): r for r in rows if "error" not in r}
-    lines = [head, "", "| shape | method | precision | path | step ms (median) | tokens/s | peak GiB | "
-             "vs LoRA (time / memory) | speed-up vs plain PEFT |", "|---|---|---|---|---|---|---|---|---|"]
+    procs = lambda r: r.get("processes", 1)                # noqa: E731  (older records: one)
+    find = {(r["shape"], r["precision"], path_of(r), r["method"], procs(r)): r
+            for r in rows if "error" not in r}
+    lines = [head, "", "| shape | method | precision | path | processes | step ms (median) | tokens/s | "
+             "peak GiB | vs LoRA (time / memory) | speed-up vs plain PEFT | throughput vs 1 process |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['shape']} | {r['method']} | {r['precision']} | {path_of(r)} | "
-                         f"failed: {r['error'].splitlines()[0][:120]} | | | | |")
+            lines.append(f"| {r.get('shape', '')} | {r.get('method', '')} | {r.get('precision', '')} | "
+                         f"{path_of(r) or ''} | {procs(r)} | failed: "
+                         f"{r['error'].splitlines()[0][:120]} | | | | | |")
             continue
         mem = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.3f}"
-        lora = find.get((r["shape"], r["precision"], path_of(r), "lora"))
+        key = (r["shape"], r["precision"], path_of(r))
+        lora = find.get((*key, "lora", procs(r)))
         vs = "-"
         if lora is not None and r["method"] != "lora" and r["method"] != "peft-lora":
             vs = f"{r['step_ms_median'] / lora['step_ms_median']:.3f}"
             if r["peak_memory_bytes"] and lora["peak_memory_bytes"]:
                 vs += f" / {r['peak_memory_bytes'] / lora['peak_memory_bytes']:.5f}"
-        peft = find.get((r["shape"], r["precision"], "plain", "peft-lora"))
+        peft = find.get((r["shape"], r["precision"], "plain", "peft-lora", procs(r)))
         up = "-" if peft is None or r is peft else f"{peft['step_ms_median'] / r['step_ms_median']:.1f}x"
-        lines.append(f"| {r['shape']} | {r['method']} | {r['precision']} | {path_of(r)} | "
-                     f"{r['step_ms_median']:.2f} | {r['tokens_per_s']:.0f} | {mem} | {vs} | {up} |")
+        # The same rows at the same global batch: the step time ratio is the throughput ratio.
+        one = find.get((*key, r["method"], 1))
+        scale = "-" if one is None or procs(r) == 1 else f"{one['step_ms_median'] / r['step_ms_median']:.2f}x"
+        lines.append(f"| {r['shape']} | {r['method']} | {r['precision']} | {path_of(r)} | {procs(r)} | "
+                     f"{r['step_ms_median']:.2f} | {r['tokens_per_s']:.0f} | {mem} | {vs} | {up} | {scale} |")
     return "\n".join(lines)
 
 

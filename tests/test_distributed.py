@@ -146,6 +146,32 @@ def test_a_stopped_run_resumes_exactly_with_the_same_processes(outputs):
         (outputs / "two" / name / "run.json").read_text())["metrics"]["evals"]
 
 
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+
+
+@pytest.mark.gpu
+@TWO_GPUS
+def test_cuda_graph_step_with_two_gpus_equals_one(tmp_path):
+    """NCCL, 2 GPUs, the CUDA-graph step (the gradient all-reduce recorded inside it): the same
+    weights and predictions as one GPU with the same global batch. The short last batch splits
+    4 + 4 of 8 in other steps and 2 + 2 at the end: new shapes recorded by both at once."""
+    gpu = [o for o in TINY_E2E if not o.startswith("device=")] + [
+        "device=auto", "train.precision=fp32", "train.cuda_graph=true", "train.compile=false"]
+    jobs = {"lora": gpu + ["method=lora", "method.lora_dropout=0.0"],
+            "delta": gpu + ["method=delta-lora", "method.start_steps=1", "method.update=explicit"]}
+    _launch(1, tmp_path / "one", jobs)
+    _launch(2, tmp_path / "two", jobs)
+    for name in jobs:
+        one, two = tmp_path / "one" / name, tmp_path / "two" / name
+        a, b = load_file(str(one / "weights.safetensors")), load_file(str(two / "weights.safetensors"))
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+        record = json.loads((two / "run.json").read_text())
+        assert record["fast_path"]["cuda_graph"] is True and record["world"]["backend"] == "nccl"
+        assert all(s["equal"] for s in record["world"]["checksums"])
+        assert (two / "predictions.jsonl").read_text() == (one / "predictions.jsonl").read_text()
+
+
 def test_a_global_batch_that_does_not_split_over_the_processes_is_refused():
     from omegaconf import OmegaConf
 
