@@ -144,6 +144,11 @@ def main(cfg: DictConfig) -> float | None:
         # Asked to stop (a scheduler's SIGTERM, Ctrl-C): a checkpoint and a record with status
         # interrupted are written; the shell's exit code for the signal, also in a sweep.
         print(f"error: {e}; resume with resume={cfg.output_dir}", file=sys.stderr)
+        if e.handler is not None:
+            # The handler that was there before the run, now that the checkpoint and the record
+            # are written: under submitit (launch=slurm) it requeues the job, which continues from
+            # the checkpoint (resume=auto).
+            e.handler(e.signum, None)
         sys.exit(e.exit_code)
     except Exception as e:
         if multirun:

@@ -4,6 +4,7 @@ Called by the command line (`python -m deltalora_repro ...`) and directly by tes
 """
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import tempfile
@@ -118,14 +119,28 @@ def check_outputs(cfg: Any, output_dir: Path, results_dir: Path) -> None:
         raise ConfigError("results_dir must name a folder for the run record (default: outputs/results)")
     for key, path in (("output_dir", output_dir), ("results_dir", results_dir)):
         _writable(path, key)
-    resuming_here = cfg.resume and Path(cfg.resume).resolve() in (
+    resume = resume_path(cfg, output_dir)
+    resuming_here = resume is not None and Path(resume).resolve() in (
         output_dir.resolve(), (output_dir / checkpoint.INDEX).resolve())
+    if resuming_here and cfg.resume == "auto" and (output_dir / "run.json").is_file() and \
+            json.loads((output_dir / "run.json").read_text()).get("status") == "completed":
+        raise ConfigError(f"resume=auto: the run in {str(output_dir)!r} has completed; nothing "
+                          "to continue")
     taken = [name for name in ("run.json", checkpoint.INDEX, "weights.safetensors")
              if (output_dir / name).exists()]
     if taken and not resuming_here:
         raise ConfigError(f"output_dir={str(output_dir)!r} already holds a run ({', '.join(taken)}); "
                           "choose a new output_dir, or continue that run with "
                           f"resume={output_dir}")
+
+
+def resume_path(cfg: Any, output_dir: Path) -> str | None:
+    """What `resume` points at. `resume=auto`: the run's own output folder when it holds a
+    checkpoint (a requeued cluster job continuing where it stopped), else nothing (a fresh
+    start); any other value is a checkpoint to continue from."""
+    if cfg.resume != "auto":
+        return cfg.resume
+    return str(output_dir) if (output_dir / checkpoint.INDEX).is_file() else None
 
 
 def save_weights(model, method, path: Path) -> list[str]:
@@ -176,10 +191,11 @@ def run(cfg: Any) -> dict:
                           f"or null (epoch ends only), got {every!r}")
     config = OmegaConf.to_container(cfg, resolve=True)
     resume_from, resume_changes = None, {}
-    if cfg.resume:
+    resume = resume_path(cfg, output_dir)
+    if resume:
         # Before anything is loaded: a damaged or foreign checkpoint, or a resume that would
         # silently train with the checkpoint's settings instead of the ones asked for, stops here.
-        resume_from = checkpoint.read(cfg.resume)
+        resume_from = checkpoint.read(resume)
         resume_changes = checkpoint.check_resume_config(resume_from, config, precision)
     run_id = world.share(cfg.get("run_id") or records.new_run_id())
     record = {

@@ -44,15 +44,24 @@ class TrainingDiverged(RuntimeError):
 
 
 class TrainingInterrupted(RuntimeError):
-    """SIGINT or SIGTERM: the run stopped at a step boundary (after writing a checkpoint)."""
+    """SIGINT, SIGTERM or SIGUSR2: the run stopped at a step boundary (after writing a
+    checkpoint). `handler`: the signal's handler from before the run (a job scheduler's, such as
+    submitit's requeue on SIGUSR2), for the caller to hand the signal on to once the run's
+    record is written; None when there was none."""
 
-    def __init__(self, signum: int, step: int):
-        self.signum, self.step = signum, step
+    def __init__(self, signum: int, step: int, handler: Callable | None = None):
+        self.signum, self.step, self.handler = signum, step, handler
         super().__init__(f"interrupted by {signal.Signals(signum).name} at optimizer step {step}")
 
     @property
     def exit_code(self) -> int:
         return 128 + self.signum          # the shell's convention: 130 SIGINT, 143 SIGTERM
+
+
+# Asks to stop with a checkpoint: Ctrl-C, a scheduler's SIGTERM, SLURM's SIGUSR2 before the time
+# limit (SIGUSR2 does not exist on Windows).
+STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR2", None))
+                     if s is not None)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -424,7 +433,7 @@ class Trainer:
         self.check_finite()
         if save is not None and not saved:
             save(self)
-        raise TrainingInterrupted(signum, self.step)
+        raise TrainingInterrupted(signum, self.step, self._handed_on.get(signum))
 
     def check_same_weights(self) -> None:
         """Several processes: every weight (Delta-LoRA's W included) must be the same in all of
@@ -445,12 +454,17 @@ class Trainer:
             raise RuntimeError(f"the processes' weights differ after epoch {self.epoch + 1} "
                                f"(checksums {sums}): data-parallel training went out of step")
 
+    _handed_on: dict = {}
+
     @contextlib.contextmanager
-    def stop_on_signals(self, signals=(signal.SIGINT, signal.SIGTERM)):
-        """SIGINT/SIGTERM (a scheduler's notice before preemption) during training ask the loop
-        to stop at the next step boundary, checkpoint and raise TrainingInterrupted; outside the
-        loop (evaluation after training, test decoding), or at a second signal, it is raised at
-        once. Installed only in the main thread (Python delivers signals there alone)."""
+    def stop_on_signals(self, signals=STOP_SIGNALS):
+        """SIGINT/SIGTERM (a scheduler's notice before preemption) and SIGUSR2 (SLURM's notice
+        before the time limit, as submitit asks for it) during training ask the loop to stop at
+        the next step boundary, checkpoint and raise TrainingInterrupted; outside the loop
+        (evaluation after training, test decoding), or at a second signal, it is raised at once.
+        A handler that was there before (submitit's requeue) is not lost: it rides on the
+        exception, to be called once the run's record is written. Installed only in the main
+        thread (Python delivers signals there alone)."""
         import threading
         if threading.current_thread() is not threading.main_thread():
             yield
@@ -462,9 +476,11 @@ class Trainer:
                 log.warning("%s: stopping after this optimizer step, with a checkpoint "
                             "(send it again to stop at once)", signal.Signals(signum).name)
                 return
-            raise TrainingInterrupted(signum, self.step)
+            raise TrainingInterrupted(signum, self.step, self._handed_on.get(signum))
 
         previous = {s: signal.signal(s, handler) for s in signals}
+        self._handed_on = {s: h for s, h in previous.items() if callable(h) and
+                           h not in (signal.default_int_handler,)}
         try:
             yield
         finally:

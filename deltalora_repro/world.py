@@ -25,6 +25,17 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _from_submitit() -> None:
+    """A job that submitit started (launch=slurm) with several tasks, one process each: the
+    variables torchrun would set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), from
+    the job's own (SLURM_PROCID, SLURM_NTASKS, ...), by submitit's helper. Each task keeps every
+    GPU of its node visible and takes the one of its LOCAL_RANK."""
+    from submitit import JobEnvironment
+    from submitit.helpers import TorchDistributedEnvironment
+    if JobEnvironment().num_tasks > 1:
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 @dataclass(frozen=True)
 class World:
     rank: int                 # this process among all of them (0 .. size - 1)
@@ -45,6 +56,8 @@ class World:
     def from_env(cls, device: str) -> "World":
         """One process, or this one of those torchrun / accelerate launched (WORLD_SIZE > 1): each
         takes the GPU of its LOCAL_RANK (device=auto or cuda) or the CPU (device=cpu)."""
+        if "WORLD_SIZE" not in os.environ and os.environ.get("SUBMITIT_EXECUTOR"):
+            _from_submitit()
         size = int(os.environ.get("WORLD_SIZE", "1"))
         if size <= 1:
             return cls.single(pick_device(device))

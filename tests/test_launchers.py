@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from deltalora_repro.config import compose
 
 from .conftest import GLUE, ROOT, needs_glue
@@ -49,4 +51,101 @@ def test_a_sweep_through_the_joblib_launcher_runs_its_jobs_side_by_side(tmp_path
                                                              for r in side_by_side)
     # The launcher changes where jobs run, not what they compute.
     for x, y in zip(side_by_side, one_by_one, strict=True):
+        assert x["metrics"]["final"] == y["metrics"]["final"]
+
+
+def test_launch_slurm_composes_submitit_with_requeue_and_resume_in_place():
+    cfg = compose("launch=slurm", hydra_node=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher.signal_delay_s > 0 and launcher.max_num_timeout > 0
+    assert launcher.gpus_per_node == 1 and launcher.tasks_per_node == 1
+    # A requeued job must find its folder again: named by the job's number, not a fresh run id.
+    assert cfg.hydra.sweep._get_node("subdir")._value() == "${hydra.job.num}"
+    assert cfg.resume == "auto" and cfg.train.checkpoint is True
+    local = compose("launch=submitit-local", hydra_node=True)
+    assert local.hydra.launcher._target_.endswith("submitit_launcher.LocalLauncher")
+    assert local.resume == "auto"
+
+
+def _sigusr2_at(monkeypatch, step: int) -> None:
+    """SIGUSR2 to this process right after optimizer step `step` (SLURM's notice before the
+    time limit)."""
+    import signal
+
+    from deltalora_repro import train
+    original = train.Trainer.train_step
+
+    def train_step(self, micro_batches):
+        loss = original(self, micro_batches)
+        if self.step == step:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return loss
+    monkeypatch.setattr(train.Trainer, "train_step", train_step)
+
+
+@needs_glue
+def test_sigusr2_checkpoints_hands_on_to_the_schedulers_handler_and_resume_auto_continues(
+        tmp_path, monkeypatch):
+    """What a requeued SLURM job goes through, in one process: SIGUSR2 stops the run after the
+    step with a checkpoint and its record; the handler that was there before (submitit's
+    requeue) is handed back on the exception, not lost; the same command again with resume=auto
+    in the same folder continues and ends bit-identical to a run never stopped."""
+    import signal
+
+
+    from safetensors.torch import load_file
+
+    from deltalora_repro.errors import ConfigError
+    from deltalora_repro.run import run
+    from deltalora_repro.train import TrainingInterrupted
+
+    from .conftest import SMALL, make_cfg
+    args = (*SMALL, "model=tiny-roberta", "method=delta-lora", "method.start_steps=2",
+            "train.epochs=2", "train.checkpoint=true", "resume=auto")
+    straight = run(make_cfg(*args, tmp_path=tmp_path / "a"))
+
+    calls = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
+    try:
+        with monkeypatch.context() as m:
+            _sigusr2_at(m, 4)
+            with pytest.raises(TrainingInterrupted) as info:
+                run(make_cfg(*args, tmp_path=tmp_path / "b"))
+        assert info.value.step == 4 and info.value.signum == signal.SIGUSR2
+        assert calls == []                       # not called behind the run's back ...
+        info.value.handler(info.value.signum, None)
+        assert calls == [signal.SIGUSR2]         # ... but handed on
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    out = tmp_path / "b" / "out"
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    again = run(make_cfg(*args, tmp_path=tmp_path / "b"))       # the requeued job: same folder
+    assert again["resumed_from"]["step"] == 4
+    assert again["metrics"]["evals"] == straight["metrics"]["evals"]
+    a, b = load_file(str(tmp_path / "a" / "out" / "weights.safetensors")), load_file(str(out / "weights.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] == b[k]).all(), k
+    with pytest.raises(ConfigError, match="has completed; nothing to continue"):
+        run(make_cfg(*args, tmp_path=tmp_path / "b"))
+
+
+@pytest.mark.slow
+@needs_glue
+def test_a_submitit_sweep_is_requeued_at_its_time_limit_and_resumes(tmp_path):
+    """launch=submitit-local with a one-minute limit and SIGUSR2 35 s before it: each job is
+    stopped (checkpoint), requeued by submitit and resumed in its own folder until it completes;
+    it ends with the same numbers as the same job run straight through."""
+    long = ["task.train_max_examples=96", "train.epochs=12", "train.checkpoint=true"]
+    requeued, log = _sweep(tmp_path, "submitit", *long, "launch=submitit-local",
+                           "hydra.launcher.timeout_min=1", "+hydra.launcher.signal_delay_s=35",
+                           "hydra.launcher.gpus_per_node=0")
+    straight, _ = _sweep(tmp_path, "basic", *long)
+    finished = [r for r in requeued if r["status"] == "completed"]
+    stopped = [r for r in requeued if r["status"] == "interrupted"]
+    assert [r["seed"] for r in finished] == [0, 1]
+    assert stopped and all(r["checkpoint"] for r in stopped)
+    assert all("resumed_from" in r for r in finished)
+    for x, y in zip(finished, straight, strict=True):
         assert x["metrics"]["final"] == y["metrics"]["final"]
