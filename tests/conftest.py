@@ -31,6 +31,14 @@ def java_available() -> bool:
 needs_glue = pytest.mark.skipif(not GLUE.is_dir(), reason=f"GLUE data not found at {GLUE}")
 
 
+def child_env(**extra: str) -> dict:
+    """The environment of a command a test starts: this checkout first on the import path, and
+    whatever path the test run itself has after it (a machine whose packages sit in a folder of
+    their own keeps them)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path, **extra}
+
+
 def make_cfg(*overrides: str, tmp_path: Path | None = None):
     """The composed config, as the command line would build it, plus the given overrides."""
     cfg = compose(*overrides)

@@ -7,7 +7,6 @@ time (each one loads Python, Hydra and, for checks on the composed config, torch
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import DATA, GLUE, ROOT
+from .conftest import DATA, GLUE, ROOT, child_env
 
 E2E = DATA / "e2e"
 pytestmark = pytest.mark.skipif(not GLUE.is_dir(), reason=f"GLUE data not found at {GLUE}")
@@ -101,7 +100,7 @@ def outcomes(tmp_path_factory):
     fixtures = tmp_path_factory.mktemp("fixtures")
     cases = _cases(fixtures)
     before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in fixtures.rglob("*") if p.is_file()}
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = child_env(HF_DATASETS_OFFLINE="1")
 
     def one(name: str):
         cwd = tmp_path_factory.mktemp("cwd")
@@ -147,7 +146,7 @@ COMMANDS = ["deltalora_repro", "deltalora_repro.score", "deltalora_repro.score_r
 
 
 def test_every_command_has_help_with_its_usage():
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = child_env()
 
     def one(module):
         return module, subprocess.run([sys.executable, "-m", module, "--help"], env=env, cwd=ROOT,

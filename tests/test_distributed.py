@@ -4,7 +4,6 @@ global batch, for every method, with W the same in every process."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import DATA, GLUE, ROOT, needs_glue
+from .conftest import DATA, GLUE, ROOT, child_env, needs_glue
 
 DRIVER = ROOT / "tests" / "ddp_runs.py"
 TINY_RTE = ["model=tiny-roberta", "task=glue/rte", f"data_dir={GLUE}", "task.train_max_examples=36",
@@ -45,7 +44,7 @@ JOBS = {
 
 
 def _launch(n: int, out: Path, jobs: dict[str, list[str]], launcher: str = "torchrun") -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = child_env(OMP_NUM_THREADS="1")
     args = [f"{name}={'|'.join(overrides)}" for name, overrides in jobs.items()]
     if n == 1:
         cmd = [sys.executable, str(DRIVER), str(out), *args]

@@ -12,7 +12,7 @@ import pytest
 
 from deltalora_repro.config import compose
 
-from .conftest import GLUE, ROOT, needs_glue
+from .conftest import GLUE, child_env, needs_glue
 
 TINY = ["model=tiny-roberta", "task=glue/rte", f"data_dir={GLUE}", "task.train_max_examples=24",
         "task.eval_max_examples=16", "task.max_length=48", "train.batch_size=8", "train.epochs=1",
@@ -35,7 +35,7 @@ def _sweep(tmp_path: Path, name: str, *extra: str) -> tuple[list[dict], str]:
     out = tmp_path / name
     cmd = [sys.executable, "-m", "deltalora_repro", "-m", *TINY, "device=cpu", "seed=0,1",
            f"results_dir={out / 'results'}", f"hydra.sweep.dir={out / 'multirun'}", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = child_env(OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     records = [json.loads(p.read_text()) for p in (out / "results").rglob("records/**/*.json")]
@@ -134,13 +134,13 @@ def test_sigusr2_checkpoints_hands_on_to_the_schedulers_handler_and_resume_auto_
 @pytest.mark.slow
 @needs_glue
 def test_a_submitit_sweep_is_requeued_at_its_time_limit_and_resumes(tmp_path):
-    """launch=submitit-local with a one-minute limit and SIGUSR2 35 s before it: each job is
+    """launch=submitit-local with a one-minute limit (submitit's local executor sends SIGUSR2 30 s
+    before it; that delay is not a setting of Hydra's local launcher config): each job is
     stopped (checkpoint), requeued by submitit and resumed in its own folder until it completes;
     it ends with the same numbers as the same job run straight through."""
     long = ["task.train_max_examples=96", "train.epochs=12", "train.checkpoint=true"]
     requeued, log = _sweep(tmp_path, "submitit", *long, "launch=submitit-local",
-                           "hydra.launcher.timeout_min=1", "+hydra.launcher.signal_delay_s=35",
-                           "hydra.launcher.gpus_per_node=0")
+                           "hydra.launcher.timeout_min=1", "hydra.launcher.gpus_per_node=0")
     straight, _ = _sweep(tmp_path, "basic", *long)
     finished = [r for r in requeued if r["status"] == "completed"]
     stopped = [r for r in requeued if r["status"] == "interrupted"]
