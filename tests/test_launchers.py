@@ -138,14 +138,18 @@ def test_a_submitit_sweep_is_requeued_at_its_time_limit_and_resumes(tmp_path):
     before it; that delay is not a setting of Hydra's local launcher config): each job is
     stopped (checkpoint), requeued by submitit and resumed in its own folder until it completes;
     it ends with the same numbers as the same job run straight through."""
-    long = ["task.train_max_examples=96", "train.epochs=12", "train.checkpoint=true"]
+    long = ["task.train_max_examples=96", "train.epochs=40", "train.checkpoint=true"]
     requeued, log = _sweep(tmp_path, "submitit", *long, "launch=submitit-local",
                            "hydra.launcher.timeout_min=1", "hydra.launcher.gpus_per_node=0")
     straight, _ = _sweep(tmp_path, "basic", *long)
     finished = [r for r in requeued if r["status"] == "completed"]
     stopped = [r for r in requeued if r["status"] == "interrupted"]
     assert [r["seed"] for r in finished] == [0, 1]
+    # A job may finish inside its first 30 s on a fast machine; one stopped at least once must
+    # have resumed from its checkpoint, in its own folder.
     assert stopped and all(r["checkpoint"] for r in stopped)
-    assert all("resumed_from" in r for r in finished)
+    for r in finished:
+        if any(s["seed"] == r["seed"] for s in stopped):
+            assert r["resumed_from"]["path"].startswith(r["output_dir"])
     for x, y in zip(finished, straight, strict=True):
         assert x["metrics"]["final"] == y["metrics"]["final"]
