@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -495,3 +496,26 @@ def test_state_dict_round_trip_continues_exactly():
     assert torch.equal(c.base_model.model.proj.base_layer.weight, a.base_model.model.proj.base_layer.weight)
     with pytest.raises(ConfigError, match="update_ratio=1.5"):
         DeltaLoRA(_tiny_peft(), 2.0, 1).load_state_dict(state)
+
+
+def test_check_peft_export_script_decodes_as_the_run_did(tiny_runs):
+    """scripts/check_peft_export.py on a tiny Delta-LoRA run: the untouched model plus the exported
+    adapter decodes the run's test inputs to its own predictions."""
+    tmp, record, cfg = tiny_runs[("tiny-gpt2", "delta-lora")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}          # this checkout's package
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_peft_export.py"),
+                           record["output_dir"], "--data-dir", str(E2E), "--n", "3",
+                           "--device", "cpu"], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["n"] == 3 and result["exact_match"] == 3, result
+    # rank 4r = 16 (q and v slices, 2r each) on 2 c_attn of 64 inputs x 192 outputs, float32
+    assert result["adapter_rank"] == 16
+    assert result["adapter_bytes"] > 2 * (16 * 64 + 192 * 16) * 4
+    # tiny-gpt2: 2 blocks x (Wq + Wv) of 64 x 64 float32
+    assert result["changed_w_bytes"] == 2 * 2 * 64 * 64 * 4
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_peft_export.py"),
+                          record["output_dir"], "--data-dir", str(tmp / "nowhere")],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert bad.returncode == 2 and "--data-dir" in bad.stderr
