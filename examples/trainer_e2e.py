@@ -60,6 +60,11 @@ def main() -> None:
     # The backbone in float32 (Delta-LoRA keeps W in fp32), dropouts off as in the paper's E2E runs.
     model_cfg = compose(f"model={args.model}", "task=e2e").model
     model, tok, _ = load_backbone(model_cfg, "causal-lm", overrides={"dropouts": 0.0})
+    if getattr(model, "hf_quantizer", None) is not None:
+        # A GGUF file (smollm2-135m) is dequantised to float32 tensors when loaded, but transformers
+        # keeps its quantizer on the model, and Trainer refuses to train a GGUF-"quantized" model.
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        model.hf_quantizer.remove_quantization_config(model)
     untouched = copy.deepcopy(model)                 # W_0: to check the export and to load it onto
     family = family_spec(model)
     if family.fused_qkv:
