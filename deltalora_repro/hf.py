@@ -89,6 +89,9 @@ def _lora_sites(peft_model: nn.Module, adapter: str | None, allow_dropout: bool,
         if layer.use_dora.get(adapter, False):
             raise ConfigError(f"{name}: adapter {adapter!r} uses DoRA (use_dora=True); Delta-LoRA "
                               "needs plain LoRA (use_dora=False)")
+        if layer.lora_bias.get(adapter, False):
+            raise ConfigError(f"{name}: adapter {adapter!r} has a bias in lora_B (lora_bias=True); "
+                              "Delta-LoRA's update covers B A only: use lora_bias=False")
         if layer.merged:
             raise ConfigError(f"{name}: the adapter is merged into W; call model.unmerge_adapter() first")
         dropout = layer.lora_dropout[adapter]
@@ -370,7 +373,9 @@ def export_peft_adapter(trained: Any, out_dir: str | Path, *, base_model: nn.Mod
             if delta is None:
                 B, A = b_t * s.scaling, a_t
             else:
-                lam = delta.update_ratio
+                # Before step K+1 no update has happened yet (W_T = W_0): the plain adapter, at
+                # the same rank 2r.
+                lam = delta.update_ratio if delta.steps > delta.start_steps else 0.0
                 a_k, b_k = delta._k_a[i].double(), delta._k_b[i].double()
                 B = torch.cat([(1 + lam) * b_t, -lam * b_k], 1) * s.scaling
                 A = torch.cat([a_t, a_k], 0)

@@ -226,15 +226,18 @@ def test_trainer_resumed_from_its_checkpoint_ends_identical_w_included(tmp_path)
 
 # -- skipped steps and gradient accumulation ---------------------------------------------------------
 
-def _tiny_peft(k=0, dropout=0.0, dtype=torch.float32, r=2):
-    """A two-layer model with one adapted Linear (hand-sized)."""
+def _tiny_net(dtype=torch.float32):
     torch.manual_seed(0)
     net = torch.nn.Sequential()
     net.add_module("proj", torch.nn.Linear(3, 3, bias=False))
     net.add_module("out", torch.nn.Linear(3, 1, bias=False))
-    net.to(dtype)
-    return get_peft_model(net, LoraConfig(r=r, lora_alpha=r, target_modules=["proj"],
-                                          lora_dropout=dropout, init_lora_weights=False))
+    return net.to(dtype)
+
+
+def _tiny_peft(dropout=0.0, dtype=torch.float32, r=2):
+    """A two-layer model with one adapted Linear (hand-sized); B starts random, not zero."""
+    return get_peft_model(_tiny_net(dtype), LoraConfig(r=r, lora_alpha=r, target_modules=["proj"],
+                                                       lora_dropout=dropout, init_lora_weights=False))
 
 
 def test_a_skipped_optimizer_step_leaves_w_alone_and_is_not_counted():
@@ -320,6 +323,26 @@ def test_residual_and_factors_on_a_hand_case(tmp_path):
     assert torch.equal(tensors["base_model.model.proj.lora_A.weight"], torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["r"] == 2 and config["lora_alpha"] == 2 and config["use_rslora"] is False
+
+
+def test_export_before_step_k_plus_1_is_the_plain_adapter(tmp_path):
+    """K = 5, two steps: W has not moved, so the adapter must give W_0 + s B_T A_T (B_0 is not zero
+    here, so writing the telescoped form too early would add -lambda s B_0 A_0)."""
+    pm = _tiny_peft()
+    delta = DeltaLoRA(pm, 2.0, 5)
+    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.1)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        pm(x).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        delta.step()
+    report = export_peft_adapter(delta, tmp_path / "a", base_model=_tiny_net(), quiet=True)
+    assert report["residual"] == 0.0 and report["max_weight_change"] == 0.0
+    loaded = PeftModel.from_pretrained(_tiny_net(), str(tmp_path / "a"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), pm(x), rtol=0, atol=1e-6)
+        assert float((_tiny_net()(x) - pm(x)).abs().max()) > 1e-2
 
 
 def _trained_peft(family, method, targets_of, steps=4):
@@ -439,6 +462,9 @@ def test_dropout_is_refused_unless_allowed():
     with pytest.raises(ConfigError, match=r"lora_dropout=0.1.*allow_dropout=True"):
         DeltaLoRA(pm, 1.0, 0)
     assert DeltaLoRA(pm, 1.0, 0, allow_dropout=True).steps == 0    # the Table 5 ablation
+    with pytest.raises(ConfigError, match="lora_bias=False"):
+        DeltaLoRA(get_peft_model(_tiny_net(), LoraConfig(r=2, target_modules=["proj"],
+                                                         lora_bias=True)), 1.0, 0)
 
 
 def test_a_model_without_lora_layers_is_refused():
