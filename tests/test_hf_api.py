@@ -397,13 +397,22 @@ def test_exported_adapter_gives_the_trained_logits(tmp_path, family, method):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
+TOOLKIT_RUNS = {
+    # name: (model, method, extra overrides)
+    "gpt2-delta": ("tiny-gpt2", "delta-lora", ["method.start_steps=1", "method.update_ratio=2"]),
+    "gpt2-delta-deferred": ("tiny-gpt2", "delta-lora", ["method.start_steps=1", "method.update_ratio=2",
+                                                        "method.update=deferred"]),
+    "qwen2-delta": ("tiny-qwen2", "delta-lora", ["method.start_steps=1", "method.update_ratio=2"]),
+    "gpt2-lora": ("tiny-gpt2", "lora", []),
+}
+
+
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
-    """Finished toolkit runs (weights kept) on 16 E2E rows, 2 decoded test inputs."""
+    """Finished toolkit runs (weights kept) on 16 E2E rows, 3 decoded test inputs."""
     runs = {}
-    for model, method in [("tiny-gpt2", "delta-lora"), ("tiny-qwen2", "delta-lora"), ("tiny-gpt2", "lora")]:
-        tmp = tmp_path_factory.mktemp(f"{model}-{method}")
-        extra = ["method.start_steps=1", "method.update_ratio=2"] if method == "delta-lora" else []
+    for name, (model, method, extra) in TOOLKIT_RUNS.items():
+        tmp = tmp_path_factory.mktemp(name)
         cfg = make_cfg(f"data_dir={E2E}", "task=e2e", f"model={model}", f"method={method}",
                        "task.train_max_examples=16", "task.eval_max_examples=8",
                        "task.test_max_groups=3", "task.decoding.num_beams=2",
@@ -411,14 +420,16 @@ def tiny_runs(tmp_path_factory):
                        "train.epochs=1", "train.lr=2e-2", "device=cpu", "train.checkpoint=false",
                        "train.progress=false", "train.tensorboard=false", *extra, tmp_path=tmp)
         record = run(cfg)
-        runs[(model, method)] = (tmp, record, cfg)
+        runs[name] = (tmp, record, cfg)
     return runs
 
 
-@pytest.mark.parametrize("model,method", [("tiny-gpt2", "delta-lora"), ("tiny-qwen2", "delta-lora"),
-                                          ("tiny-gpt2", "lora")])
-def test_peft_export_of_a_toolkit_run_gives_its_logits(tiny_runs, model, method, capsys):
-    tmp, record, cfg = tiny_runs[(model, method)]
+@pytest.mark.parametrize("name", list(TOOLKIT_RUNS))
+def test_peft_export_of_a_toolkit_run_gives_its_logits(tiny_runs, name, capsys):
+    model, method, _ = TOOLKIT_RUNS[name]
+    tmp, record, cfg = tiny_runs[name]
+    if name == "gpt2-delta-deferred":
+        assert record["fast_path"]["delta_update"] == "deferred"
     out = tmp / "adapter"
     assert export_main([record["output_dir"], str(out), "--peft"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -527,7 +538,7 @@ def test_state_dict_round_trip_continues_exactly():
 def test_check_peft_export_script_decodes_as_the_run_did(tiny_runs):
     """scripts/check_peft_export.py on a tiny Delta-LoRA run: the untouched model plus the exported
     adapter decodes the run's test inputs to its own predictions."""
-    tmp, record, cfg = tiny_runs[("tiny-gpt2", "delta-lora")]
+    tmp, record, cfg = tiny_runs["gpt2-delta"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}          # this checkout's package
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_peft_export.py"),
                            record["output_dir"], "--data-dir", str(E2E), "--n", "3",
