@@ -140,10 +140,8 @@ def peft_adapter_of_run(run_dir: Path, out_dir: Path) -> dict:
                 sigma = max(sigma, float(sv[k] / sv[0]))
             pieces.append(_Piece(name, w0_all.shape[0], conv, start, stop, bp, ap))
     heads = {n: t for n, t in state.items() if any(n.startswith(h) for h in built.heads)}
-    try:
-        base_id = resolve_location(cfg.model)[0] if cfg.model.source != "tiny" else None
-    except ConfigError:
-        base_id = None
+    # The hub id, local path or package folder it was loaded from (a tiny random-init model has none).
+    base_id = resolve_location(cfg.model)[0] if cfg.model.source != "tiny" else None
     task_types = {"causal-lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "classification": "SEQ_CLS"}
     report = write_adapter(pieces, out_dir, base_model_name_or_path=base_id,
                            task_type=task_types[built.task.head], scaling=scaling,

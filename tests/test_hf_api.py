@@ -32,7 +32,7 @@ from deltalora_repro.run import run
 from deltalora_repro.tasks import build_task
 from deltalora_repro.train import param_groups
 
-from .conftest import DATA, ROOT, build, make_cfg
+from .conftest import DATA, ROOT, SMALL, build, make_cfg, needs_glue
 
 E2E = DATA / "e2e"
 pytestmark = pytest.mark.skipif(not E2E.is_dir(), reason=f"E2E data not found at {E2E}")
@@ -454,6 +454,28 @@ def test_peft_export_of_a_toolkit_run_gives_its_logits(tiny_runs, name, capsys):
     # Rank 2r per slice for Delta-LoRA, r for LoRA; GPT-2's c_attn carries the q and v slices.
     r = cfg.method.rank * (2 if method == "delta-lora" else 1) * (2 if model == "tiny-gpt2" else 1)
     assert config["r"] == report["rank"] == r
+
+
+@needs_glue
+def test_peft_export_of_a_classification_run_carries_its_head(tmp_path, capsys):
+    """tiny RoBERTa on RTE (separate query/value projections): the trained classifier head is a
+    PEFT module to save, so the untouched model + adapter gives the run's logits."""
+    cfg = make_cfg("model=tiny-roberta", *SMALL, "method=delta-lora", "method.start_steps=1",
+                   "train.lr=2e-2", "train.progress=false", "train.tensorboard=false", tmp_path=tmp_path)
+    record = run(cfg)
+    assert export_main([record["output_dir"], str(tmp_path / "a"), "--peft"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["max_weight_change"] > 1e-3 and report["residual"] < 1e-5
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["classifier"]
+    trained, _, _ = load_trained(tmp_path / "out")
+    base, _, _ = backbone(cfg, build_task(cfg.task, cfg.data_dir))
+    ids = torch.randint(5, 300, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = trained.eval()(input_ids=ids).logits
+        assert float((want - copy.deepcopy(base)(input_ids=ids).logits).abs().max()) > 1e-3
+        got = PeftModel.from_pretrained(base, str(tmp_path / "a")).eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 def test_peft_export_refuses_other_methods(tmp_path, capsys):
