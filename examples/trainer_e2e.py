@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--model", default="tiny-gpt2", choices=["tiny-gpt2", "smollm2-135m"])
     ap.add_argument("--max-steps", type=int, default=30)
     ap.add_argument("--train-rows", type=int, default=400)
+    ap.add_argument("--lr", type=float, default=2e-4, help="the paper's E2E learning rate (Table 9)")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: a new temp folder)")
     args = ap.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="trainer_e2e_"))
@@ -74,12 +75,13 @@ def main() -> None:
         fan_in_fan_out=family.fan_in_fan_out, task_type="CAUSAL_LM"))
     delta = DeltaLoRA(peft_model, update_ratio=2.0, start_steps=args.max_steps // 3)
 
-    train = [encode(tok, ex.context, ex.reference) for ex in load_e2e("train", args.data_dir).examples[:args.train_rows]]
+    rows = load_e2e("train", args.data_dir).examples[:args.train_rows]
+    train = [encode(tok, ex.context, ex.reference) for ex in rows]
     trainer = Trainer(
         model=peft_model, train_dataset=train, data_collator=lambda rows: collate(rows, tok.pad_token_id),
         callbacks=[DeltaLoRACallback(delta)],
         args=TrainingArguments(output_dir=str(out / "trainer"), max_steps=args.max_steps,
-                               per_device_train_batch_size=8, learning_rate=2e-4 if args.model != "tiny-gpt2" else 2e-3,
+                               per_device_train_batch_size=8, learning_rate=args.lr,
                                warmup_steps=args.max_steps // 10, lr_scheduler_type="linear",
                                weight_decay=0.01, save_steps=max(1, args.max_steps // 2),
                                logging_steps=10, report_to=[], remove_unused_columns=False,

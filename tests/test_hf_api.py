@@ -11,11 +11,9 @@ import json
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
-from omegaconf import open_dict
 from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments, get_linear_schedule_with_warmup
@@ -149,6 +147,9 @@ def assert_weights_close(ours, theirs, reference, what):
 
 @pytest.mark.parametrize("grad_accum,k", [(1, 0), (2, 2)])
 def test_toolkit_loop_trainer_callback_and_plain_loop_end_with_the_same_w(tmp_path, grad_accum, k):
+    """One tiny GPT-2 (fp32, dropout off, seed 0), one data order, Delta-LoRA with lambda = 2 and K:
+    the toolkit's loop (explicit update), Trainer + DeltaLoRACallback and a plain loop calling
+    DeltaLoRA.step() end with the same Wq and Wv (to float rounding; W moves by ~0.17)."""
     cfg = e2e_cfg(tmp_path, grad_accum, k)
     task, model, trainer, start, steps = prepare(cfg)
     assert len(steps) == STEPS and all(len(s) == grad_accum for s in steps)
@@ -319,7 +320,8 @@ def test_residual_and_factors_on_a_hand_case(tmp_path):
     assert report["residual"] == 0.25 and report["rank"] == 2
     tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
     # B' = [(1 + lambda) B_T, -lambda B_K], A' = [A_T; A_K]
-    assert torch.equal(tensors["base_model.model.proj.lora_B.weight"], torch.tensor([[0.0, -2.0], [3.0, 0.0]]))
+    assert torch.equal(tensors["base_model.model.proj.lora_B.weight"],
+                       torch.tensor([[0.0, -2.0], [3.0, 0.0]]))
     assert torch.equal(tensors["base_model.model.proj.lora_A.weight"], torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["r"] == 2 and config["lora_alpha"] == 2 and config["use_rslora"] is False
