@@ -36,7 +36,7 @@ class LoRA(Method):
 
 
 @register("delta-lora")
-class DeltaLoRA(LoRA):
+class DeltaLoRAMethod(LoRA):
     """LoRA plus the in-place update of the frozen W by the change of B A each optimizer step.
 
     W keeps requires_grad = False: it has no gradient and no optimizer state (Sec. 4.1).
