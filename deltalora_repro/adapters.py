@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import sharding
 from .errors import ConfigError
 from .families import family_spec
 
@@ -242,8 +243,10 @@ class DeltaUpdater:
         return [getattr(layer, f"prev_B{i}") for layer, i, *_ in self.entries]
 
     def current(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        return ([layer.lora_A[i].detach() for layer, i, *_ in self.entries],
-                [layer.lora_B[i].detach() for layer, i, *_ in self.entries])
+        # train.fsdp: the factors are sharded; gathered whole (every process calls this at the
+        # same step: the deferred snapshot and the final write only).
+        return ([sharding.full(layer.lora_A[i].detach()) for layer, i, *_ in self.entries],
+                [sharding.full(layer.lora_B[i].detach()) for layer, i, *_ in self.entries])
 
     @torch.no_grad()
     def _apply(self, update: bool) -> None:
@@ -254,7 +257,12 @@ class DeltaUpdater:
                 coef = self.update_ratio * layer.scaling
                 left = torch.cat([b1, -b0], 1)      # out x 2r
                 right = torch.cat([a1, a0], 0)      # 2r x in
-                if conv:  # Conv1D stores W transposed: update W[:, cols] with right^T @ left^T
+                if sharding.is_sharded(layer.base.weight):
+                    # train.fsdp (deferred form only): fully_shard replaced W by a sharded
+                    # parameter; each process writes the rows it holds.
+                    sharding.addmm_local_(layer.base.weight, site.start, site.stop, conv, left,
+                                          right, coef)
+                elif conv:  # Conv1D stores W transposed: update W[:, cols] with right^T @ left^T
                     weight[:, site.start:site.stop].addmm_(right.t(), left.t(), alpha=coef)
                 else:
                     weight[site.start:site.stop].addmm_(left, right, alpha=coef)

@@ -186,7 +186,17 @@ class Checkpoint:
         except Exception as e:  # safetensors' own error types; any of them means a damaged file
             raise ConfigError(f"resume: {self.tensors_path} cannot be read as safetensors "
                               f"({type(e).__name__}: {_one_line(e)})") from None
-        return _decode(self.doc["state"], tensors, device)
+        state = _decode(self.doc["state"], tensors, device)
+        if self.shards_path is not None:
+            state["shards"] = str(self.shards_path)
+        return state
+
+    @property
+    def shards_path(self) -> Path | None:
+        """train.fsdp: the folder of every process's model and optimizer shards (written with
+        torch.distributed.checkpoint; see sharding.save_checkpoint), or None."""
+        shards = self.doc.get("shards")
+        return self.index.parent / shards["dir"] if shards else None
 
 
 def _one_line(e: BaseException) -> str:
@@ -237,6 +247,15 @@ def read(where: str | Path) -> Checkpoint:
     if absent:
         raise ConfigError(f"resume: {tensors_path} lacks {len(absent)} tensors that {index} "
                           f"names (first: {absent[0]})")
+    shards = doc.get("shards")
+    if shards is not None:
+        # train.fsdp: the model and optimizer are in a folder of shards beside checkpoint.json.
+        name = str(shards.get("dir", "")) if isinstance(shards, dict) else ""
+        if not name or Path(name).name != name:
+            raise ConfigError(f"resume: {index} names no shard folder in its directory ({name!r})")
+        if not (index.parent / name / ".metadata").is_file():
+            raise ConfigError(f"resume: {index.parent / name} (named by {index}) is not a "
+                              "complete shard folder (no .metadata)")
     return Checkpoint(index, tensors_path, doc)
 
 

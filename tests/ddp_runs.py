@@ -18,9 +18,41 @@ from deltalora_repro.run import run  # noqa: E402
 def main(out: str, jobs: list[str]) -> None:
     for job in jobs:
         name, _, overrides = job.partition("=")
+        # -- interrupted runs (tests/test_fsdp.py) ---------------------------------------------
+        # A job named NAME@STEP gets a real SIGTERM in every process after optimizer step STEP
+        # and stops there with a checkpoint (written into OUT/NAME, which a later job resumes).
+        name, _, stop = name.partition("@")
         cfg = compose(*overrides.split("|"), f"output_dir={out}/{name}",
                       f"results_dir={out}/{name}-results")
+        if stop:
+            _run_until_sigterm(cfg, int(stop))
+            continue
         run(cfg)
+
+
+def _run_until_sigterm(cfg, step: int) -> None:
+    import os
+    import signal
+
+    from deltalora_repro import train
+    from deltalora_repro.train import TrainingInterrupted
+
+    original = train.Trainer.train_step
+
+    def train_step(self, micro_batches):
+        loss = original(self, micro_batches)
+        if self.step == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+    train.Trainer.train_step = train_step
+    try:
+        run(cfg)
+    except TrainingInterrupted:
+        pass
+    else:
+        raise RuntimeError(f"the run was not interrupted after step {step}")
+    finally:
+        train.Trainer.train_step = original
 
 
 if __name__ == "__main__":
