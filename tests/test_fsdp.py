@@ -19,6 +19,37 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
+# -- the benchmark's CPU path ------------------------------------------------------------------------
+@pytest.mark.slow
+def test_bench_fsdp_runs_on_two_cpu_processes(tmp_path):
+    """scripts/bench_fsdp.py (made for 2 GPUs and llama-1b) on tiny-llama, 2 gloo processes."""
+    _torchrun(2, str(ROOT / "scripts" / "bench_fsdp.py"), "--model", "tiny-llama", "--device",
+              "cpu", "--steps", "2", "--warmup", "1", "--batch", "4", "--length", "16",
+              "--precision", "fp32", "--out", str(tmp_path), "--name", "bench")
+    record = json.loads((tmp_path / "bench.json").read_text())
+    assert record["world"]["size"] == 2 and record["git"]["commit"]
+    rows = {r["method"]: r for r in record["rows"]}
+    assert set(rows) == {"lora", "delta-lora"}
+    assert rows["delta-lora"]["delta_update"] == "deferred"
+    for r in rows.values():
+        assert r["fsdp"] and r["processes"] == 2 and r["step_ms_median"] > 0
+        assert len(r["step_ms_median_per_process"]) == 2
+        assert r["peak_memory_bytes_per_process"] == [None, None]        # no GPU here
+        # tiny-llama by hand: per layer q, o 64x64, k, v 32x64, MLP 3 x 64x128, 2 norms of 64
+        # (36,992), 2 layers, embeddings and LM head 2048x64 each, final norm 64: 336,192; rank-4
+        # factors on q (4x64 + 64x4) and v (4x64 + 32x4): 896 a layer.
+        assert r["trainable"] == 2 * 896 and r["params"] == 336_192 + r["trainable"]
+
+
+def test_bench_fsdp_refuses_bad_arguments():
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_fsdp.py"), "--methods",
+                           "ft", "--batch", "0"], env=_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2
+    assert "unknown method 'ft' (valid: lora, delta-lora)" in done.stderr
+    assert "--batch must be positive" in done.stderr
+
+
 if __name__ == "__main__":                 # the torchrun worker imports the package from here
     sys.path.insert(0, str(ROOT))
 
@@ -33,7 +64,7 @@ E2E = DATA / "e2e"
 TINY = ["model=tiny-llama", "task=e2e", "task.train_max_examples=24",
         "task.eval_max_examples=8", "task.test_max_groups=2", "task.decoding.num_beams=2",
         "task.decoding.max_new_tokens=8", "task.score=false", "train.batch_size=8",
-        "train.epochs=2", "train.lr=0.002", "train.warmup_steps=0", "train.precision=fp32", "device=cpu",
+        "train.epochs=2", "train.lr=0.002", "train.warmup_steps=0", "train.max_grad_norm=1.0", "train.precision=fp32", "device=cpu",
         "train.checkpoint=false", "train.log_every=1", "train.progress=false",
         "train.tensorboard=false", "seed=1", "++task.model_overrides={dropouts: 0.0}"]
 JOBS = {
@@ -244,6 +275,10 @@ def grads_worker(out: Path, data_dir: Path) -> None:
     trainer.reduce(loss)
     grads = {n: sharding.full(p.grad).contiguous() for n, p in model.named_parameters()
              if p.requires_grad}
+    # Clipping as the Trainer clips: the norm must be the global one, over every shard.
+    norm = torch.nn.utils.clip_grad_norm_(trainer.params, 1e-3, foreach=True)
+    clipped = {f"clipped/{n}": sharding.full(p.grad).contiguous()
+               for n, p in model.named_parameters() if p.requires_grad}
     trainer.check_same_weights()                    # in step: passes
     layer = next(m for m in model.modules() if hasattr(m, "prev_A0"))
     if world.rank == 1:
@@ -254,8 +289,9 @@ def grads_worker(out: Path, data_dir: Path) -> None:
     except RuntimeError as e:
         caught = str(e)
     if world.is_main:
-        save_file(grads, str(out / "grads.safetensors"))
-        (out / "result.json").write_text(json.dumps({"loss": float(loss), "caught": caught}))
+        save_file({**grads, **clipped}, str(out / "grads.safetensors"))
+        (out / "result.json").write_text(json.dumps({"loss": float(loss), "caught": caught,
+                                                     "norm": float(sharding.full(norm))}))
 
 
 @needs_e2e
@@ -278,6 +314,11 @@ def test_fsdp_sums_the_processes_gradients(outputs, small_e2e):
     (batch,) = next(trainer.step_batches(built.task.train_examples()))
     loss = trainer.forward_backward(batch)
     want = {n: p.grad for n, p in built.model.named_parameters() if p.requires_grad}
+    norm = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in want.values()])).item()
+    assert result["norm"] == pytest.approx(norm, rel=1e-5) and norm > 1e-2
+    for key in want:
+        torch.testing.assert_close(got.pop(f"clipped/{key}"), want[key] * (1e-3 / norm),
+                                   rtol=1e-4, atol=1e-9, msg=key)
     assert set(got) == set(want) and len(want) == 8
     # B starts at zero, so A's first gradient is zero; B's is not.
     assert sum(bool(g.abs().max() > 0) for g in want.values()) == 4
