@@ -13,7 +13,8 @@ tensors go to a new file (temporary name, fsync, rename), then checkpoint.json i
 rename, and only then is the previous tensors file removed. checkpoint.json therefore always names
 a complete tensors file, whenever the process dies.
 
-Loading never unpickles (a pickle can run arbitrary code): JSON and safetensors only. The JSON
+Loading never unpickles (a pickle can run arbitrary code): JSON and safetensors only, except for
+the shard folder of a sharded run (below). The JSON
 part is read and checked (format, the tensors file's size and header, the config) before the
 model is built, so a wrong or damaged checkpoint is a one-line ConfigError, not a traceback.
 
@@ -21,6 +22,13 @@ Nested state (Trainer.state_dict()) is split generically: each tensor is replace
 {"__tensor__": key, "device": "cpu" | "cuda"} and stored under that key; tuples and dicts with
 non-string keys (the optimizer's per-parameter state) are tagged so they come back as they were.
 Written by hand because neither safetensors (tensors only) nor torch.save (pickle) does both.
+
+Sharded runs (train.fsdp=true) keep the model and optimizer out of the safetensors file: every
+process writes its shards with torch.distributed.checkpoint (DCP) into
+`checkpoint-<step>-<token>.shards/`, named in checkpoint.json under "shards"
+(sharding.save_checkpoint: the same order of writes, renames and removals). DCP keeps its
+metadata and non-tensor values (the optimizer's param_groups) as pickles, read on resume from the
+folder checkpoint.json names; no other part of a checkpoint is a pickle.
 """
 from __future__ import annotations
 

@@ -213,6 +213,22 @@ def test_sigterm_under_fsdp_then_resume_ends_as_the_uninterrupted_run(outputs):
 
 
 @needs_e2e
+@pytest.mark.slow
+def test_a_two_process_checkpoint_resumes_in_one_process(outputs, small_e2e, tmp_path):
+    """DCP reshards on load: stopped with 2 processes, resumed with 1 (FSDP over one), the run
+    ends as the uninterrupted 2-process run (to rounding: the sums run in another order)."""
+    stopped = JOBS["delta"] + FSDP + CHECKPOINTS + [f"data_dir={small_e2e}"]
+    _torchrun(2, str(ROOT / "tests" / "ddp_runs.py"), str(tmp_path), _job(f"run@{STOP_AT}", stopped))
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_runs.py"), str(tmp_path),
+                           _job("run", stopped + [f"resume={tmp_path / 'run'}"])], env=_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-6000:]
+    _assert_same(_weights(outputs / "two" / "delta"), _weights(tmp_path / "run"), atol=1e-6)
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["world"]["size"] == 1 and record["resumed_from"]["step"] == STOP_AT
+
+
+@needs_e2e
 def test_resume_refuses_an_incomplete_shard_folder(outputs, tmp_path):
     import shutil
 
