@@ -327,7 +327,8 @@ def _evaluate_and_save(cfg, record, trainer, task, model, method, device, output
     record["metrics"] = {"primary": primary, "mode": task.metric_mode, "evals": trainer.evals,
                          "best": best, "final": {**trainer.evals[-1], **test_metrics}}
     if cfg.save_weights:
-        record["weights"] = {"path": str(output_dir / "weights.safetensors"),
-                             "tensors": len(save_weights(model, method,
-                                                         output_dir / "weights.safetensors", full))}
+        path = output_dir / "weights.safetensors"
+        names = save_weights(model, method, path, full) if sharded else \
+            save_weights(model, method, path)
+        record["weights"] = {"path": str(path), "tensors": len(names)}
     return record
