@@ -229,6 +229,26 @@ def test_a_two_process_checkpoint_resumes_in_one_process(outputs, small_e2e, tmp
 
 
 @needs_e2e
+@pytest.mark.slow
+def test_three_processes_shard_unevenly_and_still_agree(small_e2e, tmp_path):
+    """64 rows of Wq over 3 processes are 22 + 22 + 20 (Wv: 11 + 11 + 10); GPT-2's Conv1D W is
+    sharded over its 64 input rows: each process's final write into its own rows must still give
+    the one-process W, for both layouts."""
+    jobs = {}
+    for model in ("tiny-llama", "tiny-gpt2"):
+        overrides = [o for o in JOBS["delta"] if not o.startswith(("model=", "train.batch_size="))]
+        jobs[model] = overrides + [f"model={model}", "train.batch_size=6", f"data_dir={small_e2e}"]
+    _torchrun(3, str(ROOT / "tests" / "ddp_runs.py"), str(tmp_path / "three"),
+              *(_job(n, o + FSDP) for n, o in jobs.items()))
+    from deltalora_repro.config import compose
+    from deltalora_repro.run import run
+    for name, overrides in jobs.items():
+        run(compose(*overrides, f"output_dir={tmp_path / 'one' / name}",
+                    f"results_dir={tmp_path / 'one' / name}-results"))
+        _assert_same(_weights(tmp_path / "one" / name), _weights(tmp_path / "three" / name))
+
+
+@needs_e2e
 def test_resume_refuses_an_incomplete_shard_folder(outputs, tmp_path):
     import shutil
 
