@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import sharding
 from .errors import ConfigError
 from .families import family_spec
 
@@ -226,7 +227,9 @@ class DeltaUpdater:
                     "train in bf16 through autocast (train.precision=bf16), not by casting the model"
                 )
             conv = isinstance(layer.base, Conv1D)
-            self.entries.append((layer, i, layer.base.weight, site, conv))
+            # W itself is looked up at each use, not kept: train.fsdp replaces it by a sharded
+            # parameter, and a kept reference would hold the whole W in every process.
+            self.entries.append((layer, i, site, conv))
         # The factors after the previous optimizer step live as buffers of their layer, so they
         # follow the model across .to(device) and into its state_dict (exact resume).
         for layer, i, *_ in self.entries:
@@ -242,22 +245,29 @@ class DeltaUpdater:
         return [getattr(layer, f"prev_B{i}") for layer, i, *_ in self.entries]
 
     def current(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        return ([layer.lora_A[i].detach() for layer, i, *_ in self.entries],
-                [layer.lora_B[i].detach() for layer, i, *_ in self.entries])
+        # train.fsdp: the factors are sharded; gathered whole (every process calls this at the
+        # same step: the deferred snapshot and the final write only).
+        return ([sharding.full(layer.lora_A[i].detach()) for layer, i, *_ in self.entries],
+                [sharding.full(layer.lora_B[i].detach()) for layer, i, *_ in self.entries])
 
     @torch.no_grad()
     def _apply(self, update: bool) -> None:
         cur_a, cur_b = self.current()
         if update:
-            for (layer, _, weight, site, conv), a1, b1, a0, b0 in zip(
+            for (layer, _, site, conv), a1, b1, a0, b0 in zip(
                     self.entries, cur_a, cur_b, self.prev_a, self.prev_b):
                 coef = self.update_ratio * layer.scaling
                 left = torch.cat([b1, -b0], 1)      # out x 2r
                 right = torch.cat([a1, a0], 0)      # 2r x in
-                if conv:  # Conv1D stores W transposed: update W[:, cols] with right^T @ left^T
-                    weight[:, site.start:site.stop].addmm_(right.t(), left.t(), alpha=coef)
+                if sharding.is_sharded(layer.base.weight):
+                    # train.fsdp (deferred form only): fully_shard replaced W by a sharded
+                    # parameter; each process writes the rows it holds.
+                    sharding.addmm_local_(layer.base.weight, site.start, site.stop, conv, left,
+                                          right, coef)
+                elif conv:  # Conv1D stores W transposed: update W[:, cols] with right^T @ left^T
+                    layer.base.weight[:, site.start:site.stop].addmm_(right.t(), left.t(), alpha=coef)
                 else:
-                    weight[site.start:site.stop].addmm_(left, right, alpha=coef)
+                    layer.base.weight[site.start:site.stop].addmm_(left, right, alpha=coef)
         torch._foreach_copy_(self.prev_a, cur_a)
         torch._foreach_copy_(self.prev_b, cur_b)
 
@@ -345,4 +355,4 @@ class DeltaUpdater:
 
     def numel_updated(self) -> int:
         return sum((site.stop - site.start) * layer.lora_A[i].shape[1]
-                   for layer, i, _, site, _ in self.entries)
+                   for layer, i, site, _ in self.entries)

@@ -13,7 +13,8 @@ tensors go to a new file (temporary name, fsync, rename), then checkpoint.json i
 rename, and only then is the previous tensors file removed. checkpoint.json therefore always names
 a complete tensors file, whenever the process dies.
 
-Loading never unpickles (a pickle can run arbitrary code): JSON and safetensors only. The JSON
+Loading never unpickles (a pickle can run arbitrary code): JSON and safetensors only, except for
+the shard folder of a sharded run (below). The JSON
 part is read and checked (format, the tensors file's size and header, the config) before the
 model is built, so a wrong or damaged checkpoint is a one-line ConfigError, not a traceback.
 
@@ -21,6 +22,13 @@ Nested state (Trainer.state_dict()) is split generically: each tensor is replace
 {"__tensor__": key, "device": "cpu" | "cuda"} and stored under that key; tuples and dicts with
 non-string keys (the optimizer's per-parameter state) are tagged so they come back as they were.
 Written by hand because neither safetensors (tensors only) nor torch.save (pickle) does both.
+
+Sharded runs (train.fsdp=true) keep the model and optimizer out of the safetensors file: every
+process writes its shards with torch.distributed.checkpoint (DCP) into
+`checkpoint-<step>-<token>.shards/`, named in checkpoint.json under "shards"
+(sharding.save_checkpoint: the same order of writes, renames and removals). DCP keeps its
+metadata and non-tensor values (the optimizer's param_groups) as pickles, read on resume from the
+folder checkpoint.json names; no other part of a checkpoint is a pickle.
 """
 from __future__ import annotations
 
@@ -186,7 +194,17 @@ class Checkpoint:
         except Exception as e:  # safetensors' own error types; any of them means a damaged file
             raise ConfigError(f"resume: {self.tensors_path} cannot be read as safetensors "
                               f"({type(e).__name__}: {_one_line(e)})") from None
-        return _decode(self.doc["state"], tensors, device)
+        state = _decode(self.doc["state"], tensors, device)
+        if self.shards_path is not None:
+            state["shards"] = str(self.shards_path)
+        return state
+
+    @property
+    def shards_path(self) -> Path | None:
+        """train.fsdp: the folder of every process's model and optimizer shards (written with
+        torch.distributed.checkpoint; see sharding.save_checkpoint), or None."""
+        shards = self.doc.get("shards")
+        return self.index.parent / shards["dir"] if shards else None
 
 
 def _one_line(e: BaseException) -> str:
@@ -237,6 +255,15 @@ def read(where: str | Path) -> Checkpoint:
     if absent:
         raise ConfigError(f"resume: {tensors_path} lacks {len(absent)} tensors that {index} "
                           f"names (first: {absent[0]})")
+    shards = doc.get("shards")
+    if shards is not None:
+        # train.fsdp: the model and optimizer are in a folder of shards beside checkpoint.json.
+        name = str(shards.get("dir", "")) if isinstance(shards, dict) else ""
+        if not name or Path(name).name != name:
+            raise ConfigError(f"resume: {index} names no shard folder in its directory ({name!r})")
+        if not (index.parent / name / ".metadata").is_file():
+            raise ConfigError(f"resume: {index.parent / name} (named by {index}) is not a "
+                              "complete shard folder (no .metadata)")
     return Checkpoint(index, tensors_path, doc)
 
 

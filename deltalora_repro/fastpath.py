@@ -58,6 +58,9 @@ def graph_path(cfg: Any, device: torch.device, method: Any, processes: int = 1) 
     reasons = []
     if device.type != "cuda":
         reasons.append(f"it needs a CUDA device (this run uses {device.type})")
+    if cfg.get("fsdp", False):
+        reasons.append("train.fsdp=true: the recorded step would not hold FSDP's all-gathers "
+                       "and reduce-scatters")
     if cfg.grad_accum != 1:
         reasons.append(f"it records whole steps of one micro-batch (train.grad_accum={cfg.grad_accum})")
     if not method.graph_safe:
@@ -87,13 +90,14 @@ class FastPath:
     cuda_graph: bool = False           # the optimizer step is recorded and replayed
     compile: str | None = None         # None | "model" (the loss function) | "blocks"
     graph_update: bool = False         # Delta-LoRA's explicit W update as one CUDA graph
+    fsdp: bool = False                 # train.fsdp: parameters sharded (sharding.py)
     backend: str = "inductor"
     mode: str | None = None
     dynamic: bool | None = None
     options: dict | None = None
 
     def describe(self) -> dict:
-        return {"cuda_graph": self.cuda_graph, "compile": self.compile}
+        return {"cuda_graph": self.cuda_graph, "compile": self.compile, "fsdp": self.fsdp}
 
     def wrap_loss(self, loss_fn: Callable, model: torch.nn.Module) -> Callable:
         """The loss function the step calls: compiled whole (compile=model), or as it is with
@@ -129,14 +133,19 @@ def resolve(cfg: Any, device: torch.device, method: Any, processes: int = 1) -> 
         # "Speed"); without graphs (CPU, DyLoRA, AdaLoRA, grad_accum > 1) nothing is compiled.
         scope = "blocks" if graphs else None
         log.info("train.compile=auto: %s", scope or "false (no CUDA-graph step)")
+    fsdp = bool(cfg.get("fsdp", False))
+    if fsdp and scope is not None:
+        # sharding.check_config refuses an explicit choice before anything loads.
+        raise ConfigError(f"train.fsdp=true cannot be used with train.compile={scope}")
     backend = cfg.get("compile_backend", "inductor")
     mode = cfg.get("compile_mode") if backend == "inductor" else None
     options = dict(cfg.get("compile_options") or {}) or None
     if options and mode:
         raise ConfigError("train.compile_mode and train.compile_options cannot both be set "
                           "(torch.compile takes one or the other)")
-    return FastPath(cuda_graph=graphs, compile=scope,
-                    graph_update=device.type == "cuda" and bool(cfg.get("graph_update", True)),
+    return FastPath(cuda_graph=graphs, compile=scope, fsdp=fsdp,
+                    graph_update=device.type == "cuda" and bool(cfg.get("graph_update", True))
+                    and not fsdp,
                     backend=backend, mode=mode, dynamic=cfg.get("compile_dynamic"), options=options)
 
 

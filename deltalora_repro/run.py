@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from . import checkpoint, fastpath, records
+from . import checkpoint, fastpath, records, sharding
 from .build import build
 from .errors import ConfigError, DataError
 from .methods import METHODS
@@ -91,6 +91,7 @@ def validate(cfg: Any) -> None:
         if not good:
             raise ConfigError(f"{key} must be {want}, got {value!r}")
     fastpath.compile_scope(t)              # train.compile: a clear error before loading anything
+    sharding.check_config(t)               # train.fsdp and what it cannot be combined with
     disable_flag(t.get("progress", "auto"))   # train.progress: auto | true | false
     if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
         raise ConfigError(f"data_dir {cfg.data_dir!r} is not a directory")
@@ -143,11 +144,12 @@ def resume_path(cfg: Any, output_dir: Path) -> str | None:
     return str(output_dir) if (output_dir / checkpoint.INDEX).is_file() else None
 
 
-def save_weights(model, method, path: Path) -> list[str]:
-    """Only what differs from the pretrained model: trained tensors and changed base tensors."""
+def save_weights(model, method, path: Path, full: dict | None = None) -> list[str]:
+    """Only what differs from the pretrained model: trained tensors and changed base tensors.
+    `full`: the whole model's tensors by name, when the model's own are sharded (train.fsdp)."""
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     names |= set(method.changed_base_params(model))
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters()) if full is None else full
     tensors = {n: params[n].detach().contiguous().cpu() for n in sorted(names)}
     save_file(tensors, str(path), metadata={"method": method.name})
     return sorted(names)
@@ -225,6 +227,9 @@ def run(cfg: Any) -> dict:
         for warning in record["warnings"]:
             log.warning("%s", warning)
         model = built.model.to(device)
+        sharded = sharding.enabled(tcfg)
+        if sharded:                       # train.fsdp: each process keeps 1/N of every weight
+            sharding.shard(model, world)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         train_cfg = OmegaConf.merge(tcfg, {"precision": precision})
@@ -241,11 +246,14 @@ def run(cfg: Any) -> dict:
                      trainer.step, trainer.epoch + 1, trainer.position)
 
         def save(tr: Trainer) -> None:
-            if not world.is_main:
+            info = {"config": config, "precision": precision}
+            if not world.is_main and not sharded:
                 return                    # one checkpoint per run: the main process writes it
             try:
-                path = checkpoint.save(tr.state_dict(), output_dir,
-                                       {"config": config, "precision": precision})
+                if sharded:               # train.fsdp: every process writes its shards
+                    path = sharding.save_checkpoint(tr, output_dir, info, world)
+                else:
+                    path = checkpoint.save(tr.state_dict(), output_dir, info)
             except checkpoint.NonFiniteState as e:
                 raise TrainingDiverged(saved.get("step", 0) + 1, tr.step,
                                        f"{e} though the loss was finite,") from None
@@ -271,7 +279,7 @@ def run(cfg: Any) -> dict:
             if trainer.checksums:
                 record["world"]["checksums"] = trainer.checksums
             result = _evaluate_and_save(cfg, record, trainer, task, model, method, device,
-                                        output_dir, results_dir, run_id)
+                                        output_dir, results_dir, run_id, world, sharded)
         record["status"] = "completed"
         return result
     except (ConfigError, DataError):
@@ -305,7 +313,7 @@ def run(cfg: Any) -> dict:
 
 
 def _evaluate_and_save(cfg, record, trainer, task, model, method, device, output_dir, results_dir,
-                   run_id) -> dict:
+                       run_id, world: World | None = None, sharded: bool = False) -> dict:
     """After training: the test set, the metrics and the weights, into the record."""
     record["fast_path"] = {**trainer.fast.describe(), "delta_update": method.update_mode}
     primary = task.metric
@@ -313,12 +321,15 @@ def _evaluate_and_save(cfg, record, trainer, task, model, method, device, output
     best = pick(trainer.evals, key=lambda e: e[primary])
     method.eval_settings()[0][1]()                # the reported setting (DyLoRA: full rank)
     t_test = time.perf_counter()
+    main = world is None or world.is_main
     with trainer.eager():
         # Several processes decode their shares of the test set; the main one writes and scores.
-        test_metrics = task.test(model, device, output_dir if trainer.world.is_main else None)
+        test_metrics = task.test(model, device, output_dir if main else None)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    if not trainer.world.is_main:
+    # train.fsdp: every process gathers the full weights (a collective), the main one keeps them.
+    full = sharding.full_state_dict(model) if sharded and cfg.save_weights else None
+    if not main:
         return record                 # the record and the weights are the main process's
     predictions = _keep_predictions(output_dir, results_dir, cfg, run_id)
     if predictions is not None:
@@ -327,7 +338,8 @@ def _evaluate_and_save(cfg, record, trainer, task, model, method, device, output
     record["metrics"] = {"primary": primary, "mode": task.metric_mode, "evals": trainer.evals,
                          "best": best, "final": {**trainer.evals[-1], **test_metrics}}
     if cfg.save_weights:
-        record["weights"] = {"path": str(output_dir / "weights.safetensors"),
-                             "tensors": len(save_weights(model, method,
-                                                         output_dir / "weights.safetensors"))}
+        path = output_dir / "weights.safetensors"
+        names = save_weights(model, method, path, full) if sharded else \
+            save_weights(model, method, path)
+        record["weights"] = {"path": str(path), "tensors": len(names)}
     return record

@@ -12,6 +12,7 @@ same `body` (one micro-batch) is what a recorded graph replays.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import signal
@@ -22,7 +23,7 @@ from typing import Any, Callable
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from . import fastpath
+from . import fastpath, sharding
 from .errors import ConfigError
 from .fastpath import FastPath, GraphSteps
 from .methods import Method
@@ -105,7 +106,10 @@ class Trainer:
                  n_total_steps: int, fast: FastPath | None = None):
         self.model, self.method, self.task, self.cfg, self.world = model, method, task, cfg, world
         self.device = device = world.device
-        task.world = world        # the processes share evaluation and decoding
+        # The processes share evaluation and decoding; with a sharded model (train.fsdp) each one
+        # computes all of it, since each forward needs every process (World.split).
+        task.world = world if not sharding.model_is_sharded(model) else \
+            dataclasses.replace(world, split=False)
         check_batch_split(cfg, world.size)
         # train.batch_size is the global batch of one optimizer step, whatever the processes.
         self.micro_batch = cfg.batch_size // world.size // cfg.grad_accum
@@ -152,10 +156,18 @@ class Trainer:
         return self.fast.cuda_graph
 
     # -- checkpointing ---------------------------------------------------------------------------
+    @property
+    def sharded(self) -> bool:
+        """train.fsdp: the model's parameters are sharded over the processes (sharding.py)."""
+        return sharding.model_is_sharded(self.model)
+
     def state_dict(self) -> dict:
-        """Everything a resume needs, nested; checkpoint.save splits it into JSON + safetensors."""
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
+        """Everything a resume needs, nested; checkpoint.save splits it into JSON + safetensors.
+        Sharded (train.fsdp): without the model and optimizer, which every process writes as
+        shards (sharding.save_checkpoint)."""
+        own = {} if self.sharded else {"model": self.model.state_dict(),
+                                        "optimizer": self.optimizer.state_dict()}
+        return {**own, "scheduler": self.scheduler.state_dict(),
                 "epoch_generator": self.epoch_generator_state,
                 "generator": self.generator.get_state(),
                 "method": self.method.state_dict(), "step": self.step, "epoch": self.epoch,
@@ -164,6 +176,17 @@ class Trainer:
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
     def load_state_dict(self, state: dict) -> None:
+        if self.sharded:
+            # train.fsdp: every process reads its shards of the model and optimizer.
+            if "shards" not in state:
+                raise ConfigError("resume: train.fsdp=true but the checkpoint holds no shard "
+                                  "folder (written without FSDP?)")
+            sharding.load_checkpoint(self.model, self.optimizer, Path(state["shards"]))
+        else:
+            self._load_model_and_optimizer(state)
+        self._load_rest(state)
+
+    def _load_model_and_optimizer(self, state: dict) -> None:
         own = self.model.state_dict()
         theirs = state["model"]
         missing, extra = sorted(set(own) - set(theirs)), sorted(set(theirs) - set(own))
@@ -178,6 +201,8 @@ class Trainer:
                 f"{first}): a checkpoint of another model or method?")
         self.model.load_state_dict(theirs)
         self.optimizer.load_state_dict(state["optimizer"])
+
+    def _load_rest(self, state: dict) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
         for group in self.optimizer.param_groups:
             if self.use_graphs:
@@ -256,17 +281,19 @@ class Trainer:
         flat all-reduce (the weights made each process's part a share of the global mean)."""
         if self.world.size == 1:
             return
-        for p in self.params:
+        # train.fsdp: FSDP has already summed the sharded parameters' gradients (reduce-scatter).
+        params = sharding.unsharded(self.params)
+        for p in params:
             if p.grad is None:            # a parameter this process's batch did not reach
                 p.grad = torch.zeros_like(p)
-        self.world.all_reduce_sum_([p.grad for p in self.params] + [loss])
+        self.world.all_reduce_sum_([p.grad for p in params] + [loss])
 
     def optimizer_step(self, loss: torch.Tensor) -> None:
         """Fold the step's loss (and gradient norm) into the divergence flag, clip, AdamW."""
         self._fold_nonfinite(loss)
         if self.cfg.max_grad_norm:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm, foreach=True)
-            self._fold_nonfinite(norm)
+            self._fold_nonfinite(sharding.full(norm))   # train.fsdp: the norm is a DTensor
         self.optimizer.step()
 
     def body(self, batch: dict[str, torch.Tensor], weight: torch.Tensor | float = 1.0) -> torch.Tensor:
@@ -337,7 +364,9 @@ class Trainer:
             self.params = [p for p in self.model.parameters() if p.requires_grad]
             # Every process starts from the main one's weights (they agree already when built
             # from the same seed; this makes it a guarantee).
-            self.world.broadcast_([p.data for p in self.model.parameters()])
+            # (train.fsdp: sharded parameters are skipped; each process holds its own shard of
+            # the same seeded init.)
+            self.world.broadcast_([p.data for p in sharding.unsharded(list(self.model.parameters()))])
             if self.fast.cuda_graph:
                 self.graphs = GraphSteps(self, self.fast)
             graphs = (self.graphs.stream, self.graphs.pool) if self.graphs is not None else None
@@ -440,6 +469,10 @@ class Trainer:
         them after an epoch; a checksum of each process's weights is compared and recorded."""
         if self.world.size == 1:
             return
+        if self.sharded:
+            sums = self.world.gather(sharding.checksum(self.model, self.device))
+            self._record_checksums(sums)
+            return
         with torch.no_grad():
             total = torch.zeros((), dtype=torch.float64, device=self.device)
             for i, p in enumerate(self.model.parameters()):
@@ -448,6 +481,9 @@ class Trainer:
                 total += (flat * torch.arange(1, flat.numel() + 1, device=flat.device,
                                               dtype=torch.float64)).sum() * (i + 1)
             sums = self.world.gather(float(total))
+        self._record_checksums(sums)
+
+    def _record_checksums(self, sums: list[float]) -> None:
         self.checksums.append({"epoch": self.epoch + 1, "step": self.step, "checksums": sums,
                                "equal": len(set(sums)) == 1})
         if len(set(sums)) != 1:

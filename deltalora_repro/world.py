@@ -42,6 +42,10 @@ class World:
     size: int                 # processes taking part
     local_rank: int           # this process among those on its machine (picks its GPU)
     device: torch.device
+    # Evaluation and decoding are shared out (take / merge). Off for a sharded model, whose every
+    # forward is a collective: each process then computes every item, so that all make the same
+    # forward calls in the same order (the same inputs and weights give the same early exits).
+    split: bool = True
 
     @property
     def is_main(self) -> bool:
@@ -127,11 +131,11 @@ class World:
         sorted by length (decoding), so each process gets a similar mix of long and short ones.
         The items are those one process makes, so each is computed exactly as one process
         computes it (same rows, same padding)."""
-        return range(self.rank, n, self.size)
+        return range(self.rank, n, self.size) if self.split else range(n)
 
     def merge(self, mine: dict[int, Any]) -> dict[int, Any]:
         """The results {item: value} of every process's items, in every process."""
-        if self.size == 1:
+        if self.size == 1 or not self.split:
             return dict(mine)
         out: dict[int, Any] = {}
         for part in self.gather(mine):

@@ -72,6 +72,16 @@ class DeltaLoRAMethod(LoRA):
         choice = self.cfg.get("update", "auto")
         if choice not in self.UPDATES:
             raise ConfigError(f"method.update {choice!r}; valid: {', '.join(self.UPDATES)}")
+        if getattr(fast, "fsdp", False):
+            # Sharded W (train.fsdp): only the deferred form, which never writes W while training
+            # and needs no per-step gather of the factors; explicit is refused.
+            if choice == "explicit" or self.cfg.lora_dropout > 0:
+                raise ConfigError(
+                    "train.fsdp=true runs Delta-LoRA in its deferred form only (W is sharded; "
+                    "the explicit per-step write would gather the factors every step): use "
+                    "method.update=auto or deferred, with method.lora_dropout=0 (got "
+                    f"method.update={choice}, method.lora_dropout={self.cfg.lora_dropout})")
+            return "deferred"
         if choice != "auto":
             return choice
         blocks = fast.compile == "blocks"

@@ -1,0 +1,195 @@
+"""Sharded training step (train.fsdp): peak memory per GPU and time per optimizer step.
+
+    torchrun --nproc_per_node 2 scripts/bench_fsdp.py --model llama-1b --methods lora,delta-lora \
+        --batch 8 --length 512 --steps 20 --warmup 5
+    torchrun --nproc_per_node 1 scripts/bench_fsdp.py ...            # one GPU, still sharded (1 way)
+    torchrun --nproc_per_node 1 scripts/bench_fsdp.py --no-fsdp ...  # one GPU, the plain model
+
+Each process builds the model (`--model`: a config of deltalora_repro/configs/model, random init
+on its device), applies the method with E2E's settings (rank 4, alpha 32, lambda 2; K = 0, so
+Delta-LoRA's deferred sum runs from the first step), shards it as a run with train.fsdp=true does
+(sharding.shard) and runs the real optimizer step (Trainer.train_step: forward, backward, FSDP's
+reduce-scatter, AdamW, the method's hooks) on synthetic token ids of length `--length`; `--batch`
+is the global batch, split evenly over the processes. Time per step comes from CUDA events
+recorded around every step and read once at the end (no host synchronisation inside the timed
+steps; on the CPU, wall time). Peak memory is torch.cuda.max_memory_allocated in each process,
+from after sharding (the unsharded model each process builds first is not counted; its size is
+reported as `allocated_before_shard_bytes`). Writes one JSON record (machine, commit, versions,
+command) to --out and prints a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+METHODS = ("lora", "delta-lora")
+# torch and the package load after the arguments are checked: a bad command line fails at once.
+
+
+def bench_config(model: str, method: str, batch: int, precision: str, fsdp: bool):
+    from deltalora_repro.config import compose
+    delta = ["method.start_steps=0"] if method == "delta-lora" else []
+    return compose(f"model={model}", "task=e2e", f"method={method}", "seed=0",
+                   f"train.batch_size={batch}", f"train.precision={precision}",
+                   "train.warmup_steps=0", "train.max_grad_norm=null", "train.epochs=1",
+                   f"train.log_every={10 ** 9}", "train.cuda_graph=false", "train.compile=false",
+                   f"train.fsdp={str(fsdp).lower()}", "method.lora_dropout=0.0", *delta)
+
+
+def bench_one(model_name: str, method_name: str, world, batch: int, length: int,
+              precision: str, steps: int, warmup: int, fsdp: bool) -> dict:
+    import torch
+
+    from deltalora_repro import sharding
+    from deltalora_repro.bench import _SyntheticTask
+    from deltalora_repro.build import build
+    from deltalora_repro.models import load_backbone
+    from deltalora_repro.train import StepBatches, Trainer
+    device = world.device
+    cfg = bench_config(model_name, method_name, batch, precision, fsdp)
+    total = warmup + steps
+    # Random init directly on the device: a 1B model initialised on the CPU takes minutes.
+    with torch.device(device):
+        net, tok, _ = load_backbone(cfg.model, "causal-lm", seed=cfg.seed)
+        task = _SyntheticTask(net.config.vocab_size, classification=False, seq2seq=False)
+        built = build(cfg, data=False, total_steps=total, task=task, model=(net, tok, {}))
+    model, method = built.model.to(device), built.method
+    n_params = sum(p.numel() for p in model.parameters())
+    trainable = method.trainable_numel(model)
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+    if fsdp:
+        sharding.shard(model, world)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer = Trainer(model, method, task, cfg.train, world, cfg.seed, total)
+    trainer.start()
+    share = batch // world.size
+    gen = torch.Generator().manual_seed(1000 + world.rank)       # each process its own rows
+    steps_batches = []
+    for _ in range(total):
+        step = StepBatches([task.batch([length] * share, gen)])
+        step.weights = [1.0 / world.size]                      # its share of the global mean
+        steps_batches.append(step)
+    cuda = device.type == "cuda"
+    marks = []
+    for k, step in enumerate(steps_batches):
+        if k == warmup:
+            world.barrier()
+        if k >= warmup:
+            if cuda:
+                event = torch.cuda.Event(enable_timing=True)
+                event.record()
+                marks.append(event)
+            else:
+                marks.append(time.perf_counter())
+        trainer.train_step(step)
+    if cuda:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        marks.append(event)
+        torch.cuda.synchronize(device)
+        times = [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
+    else:
+        marks.append(time.perf_counter())
+        times = [1000 * (b - a) for a, b in zip(marks, marks[1:])]
+    peak = torch.cuda.max_memory_allocated(device) if cuda else None
+    peaks = world.gather(peak)
+    medians = world.gather(statistics.median(times))
+    row = {"model": model_name, "method": method_name, "fsdp": fsdp, "processes": world.size,
+           "global_batch": batch, "length": length, "precision": precision,
+           "delta_update": getattr(method, "update_mode", None),
+           "params": n_params, "trainable": trainable, "steps": steps, "warmup": warmup,
+           # The slowest process sets the pace (every step ends in collectives).
+           "step_ms_median": max(medians), "step_ms_median_per_process": medians,
+           "step_ms_p10": statistics.quantiles(times, n=10)[0] if len(times) > 1 else times[0],
+           "step_ms_p90": statistics.quantiles(times, n=10)[-1] if len(times) > 1 else times[0],
+           "tokens_per_s": batch * length / (max(medians) / 1000),
+           "peak_memory_bytes_per_process": peaks,
+           "allocated_before_shard_bytes": before}
+    del trainer, model, method, built, net
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return row
+
+
+def render(record: dict) -> str:
+    lines = ["| model | method | fsdp | processes | batch x length | ms/step | tokens/s | "
+             "peak GiB per process |", "|---|---|---|---|---|---|---|---|"]
+    for r in record["rows"]:
+        peaks = ", ".join(f"{p / 2 ** 30:.2f}" for p in r["peak_memory_bytes_per_process"]
+                          if p is not None) or "-"
+        lines.append(f"| {r['model']} | {r['method']} | {r['fsdp']} | {r['processes']} | "
+                     f"{r['global_batch']} x {r['length']} | {r['step_ms_median']:.1f} | "
+                     f"{r['tokens_per_s']:.0f} | {peaks} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-1b", help="a model config name (llama-1b, tiny-llama)")
+    ap.add_argument("--methods", default="lora,delta-lora", help="comma list of " + ", ".join(METHODS))
+    ap.add_argument("--batch", type=int, default=8, help="global batch (split over the processes)")
+    ap.add_argument("--length", type=int, default=512, help="tokens per sequence")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
+    ap.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    ap.add_argument("--no-fsdp", dest="fsdp", action="store_false",
+                    help="the plain model (one process only): the unsharded baseline")
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
+    ap.add_argument("--name", default=None, help="record file name (default: a new run id)")
+    args = ap.parse_args(argv)
+    methods = args.methods.split(",")
+    problems = [f"unknown method {m!r} (valid: {', '.join(METHODS)})" for m in methods
+                if m not in METHODS]
+    for key in ("batch", "length", "steps"):
+        if getattr(args, key) <= 0:
+            problems.append(f"--{key} must be positive")
+    if args.warmup < 0:
+        problems.append("--warmup must be >= 0")
+    if problems:
+        print("error: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    from deltalora_repro import records
+    from deltalora_repro.errors import ConfigError
+    from deltalora_repro.world import World
+    try:
+        world = World.from_env(args.device)
+        if args.batch % world.size:
+            raise ConfigError(f"--batch {args.batch} does not split over {world.size} processes")
+        if not args.fsdp and world.size > 1:
+            raise ConfigError("--no-fsdp runs one process (the unsharded baseline)")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = [bench_one(args.model, m, world, args.batch, args.length, args.precision, args.steps,
+                      args.warmup, args.fsdp) for m in methods]
+    if world.is_main:
+        record = {"kind": "bench-fsdp", "schema": records.SCHEMA, "rows": rows,
+                  "world": world.describe(), "machine": records.machine(world.device),
+                  "git": records.git_state(), "versions": records.versions(),
+                  "command": records.command_line(),
+                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        name = args.name or f"fsdp-{records.new_run_id()}"
+        path = args.out / f"{name}.json"
+        records.write_json_atomic(path, record)
+        print(render(record))
+        print(f"record: {path}")
+        print(json.dumps({"record": str(path)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
