@@ -101,7 +101,9 @@ def small_e2e(tmp_path_factory) -> Path:
 
 
 def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    # This checkout first on the import path, the test run's own path after it.
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
 
 
 def _torchrun(n: int, *args: str) -> None:
@@ -281,6 +283,30 @@ def test_export_of_an_fsdp_run_is_the_trained_model(outputs, tmp_path):
     plain = load_trained(outputs / "one" / "lora")[0].eval()
     with torch.no_grad():
         assert (plain(input_ids=ids).logits - want).abs().max() > 1e-3   # W's update shows
+
+
+# -- on 2 GPUs (NCCL) ---------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+@needs_e2e
+def test_fsdp_on_two_gpus_equals_one_plain_gpu(small_e2e, tmp_path):
+    """The same comparison on 2 GPUs through NCCL: FSDP's reduce-scatter and all-gathers, fused
+    AdamW on sharded parameters, Delta-LoRA's shard-local write of W."""
+    gpu = [o for o in TINY if o != "device=cpu"] + ["device=auto", f"data_dir={small_e2e}"]
+    jobs = {"lora": gpu + ["method=lora", "method.lora_dropout=0.0"],
+            "delta": gpu + ["method=delta-lora", "method.start_steps=1"]}
+    driver = str(ROOT / "tests" / "ddp_runs.py")
+    done = subprocess.run([sys.executable, driver, str(tmp_path / "one"),
+                           *(_job(n, o) for n, o in jobs.items())], env=_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-6000:]
+    _torchrun(2, driver, str(tmp_path / "two"), *(_job(n, o + FSDP) for n, o in jobs.items()))
+    for name in jobs:
+        one, two = tmp_path / "one" / name, tmp_path / "two" / name
+        _assert_same(_weights(one), _weights(two), atol=1e-4)
+        record = json.loads((two / "run.json").read_text())
+        assert record["world"]["backend"] == "nccl" and record["fast_path"]["fsdp"] is True
+        assert all(s["equal"] for s in record["world"]["checksums"])
 
 
 # -- the gradient reduction ------------------------------------------------------------------------
