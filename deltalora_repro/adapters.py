@@ -111,6 +111,9 @@ class LoRALayer(nn.Module):
         # Delta-LoRA's deferred update (DeltaUpdater.use_deferred) sets 1 + lambda here once it
         # has begun; None: the branch is plain LoRA.
         self.deferred_coef: float | None = None
+        # False only for the scaled-LoRA control (methods/lora.py ScaledLoRA): the same function,
+        # with the factors' gradients those of the branch as it is, (1 + lambda) times larger.
+        self.deferred_grad_rescale = True
 
     def factors(self, i: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(A, B, scaling) of slice i at the active rank (DyLoRA truncates; scaling alpha/b)."""
@@ -154,8 +157,10 @@ class LoRALayer(nn.Module):
         backward; the input's gradient sees the whole weight, as with an updated W.
         """
         c = self.deferred_coef
-        a = torch.cat([_ScaleGrad.apply(a, 1.0 / c), getattr(self, f"prev_A{i}")], 0)
-        b = torch.cat([_ScaleGrad.apply(b, 1.0 / c), getattr(self, f"prev_B{i}") * ((1.0 - c) / c)], 1)
+        if self.deferred_grad_rescale:
+            a, b = _ScaleGrad.apply(a, 1.0 / c), _ScaleGrad.apply(b, 1.0 / c)
+        a = torch.cat([a, getattr(self, f"prev_A{i}")], 0)
+        b = torch.cat([b, getattr(self, f"prev_B{i}") * ((1.0 - c) / c)], 1)
         return a, b, scaling * c
 
     def merged_weight_delta(self, i: int) -> torch.Tensor:

@@ -45,7 +45,7 @@ def graph_safe_methods() -> list[str]:
     return [n for n, m in METHODS.items() if m.graph_safe]
 
 
-def graph_path(cfg: Any, device: torch.device, method: Any, processes: int = 1) -> bool:
+def graph_path(cfg: Any, device: torch.device, method: Any) -> bool:
     """Whether this run takes the CUDA-graph step (train.cuda_graph: auto | true | false).
 
     auto takes it whenever it applies and says so in the log; true demands it and names what
@@ -123,10 +123,9 @@ class FastPath:
         return contextlib.nullcontext()
 
 
-def resolve(cfg: Any, device: torch.device, method: Any, processes: int = 1) -> FastPath:
-    """The run's FastPath from its train config, device, method and number of processes (errors
-    name the keys)."""
-    graphs = graph_path(cfg, device, method, processes)
+def resolve(cfg: Any, device: torch.device, method: Any) -> FastPath:
+    """The run's FastPath from its train config, device and method (errors name the keys)."""
+    graphs = graph_path(cfg, device, method)
     scope = compile_scope(cfg)
     if scope == "auto":
         # Compiled blocks inside the recorded step is the fastest GPU path measured (README

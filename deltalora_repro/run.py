@@ -234,7 +234,7 @@ def run(cfg: Any) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
         train_cfg = OmegaConf.merge(tcfg, {"precision": precision})
         trainer = Trainer(model, method, task, train_cfg, world, cfg.seed, n_total,
-                          fastpath.resolve(train_cfg, device, method, world.size))
+                          fastpath.resolve(train_cfg, device, method))
         if world.is_main:
             output_dir.mkdir(parents=True, exist_ok=True)
         if resume_from is not None:

@@ -114,7 +114,7 @@ class Trainer:
         # train.batch_size is the global batch of one optimizer step, whatever the processes.
         self.micro_batch = cfg.batch_size // world.size // cfg.grad_accum
         self.total_steps = n_total_steps
-        self.fast = fast if fast is not None else fastpath.resolve(cfg, device, method, world.size)
+        self.fast = fast if fast is not None else fastpath.resolve(cfg, device, method)
         if self.fast.cuda_graph:
             # Capturable AdamW: the step count and the learning rate are device tensors, so the
             # recorded step reads their current values (the scheduler fills the lr tensor in place).

@@ -63,10 +63,10 @@ def test_graph_path_is_chosen_only_where_it_applies():
         graph_path(OmegaConf.create({**base, "cuda_graph": True}), cuda, dylora)
     with pytest.raises(ConfigError, match="grad_accum=2"):
         graph_path(OmegaConf.create({**base, "grad_accum": 2, "cuda_graph": True}), cuda, lora)
-    # Several processes keep the plain step (auto) or say why not (true).
-    assert graph_path(OmegaConf.create({**base, "cuda_graph": "auto"}), cuda, lora, 2) is False
-    with pytest.raises(ConfigError, match="2 processes would record steps of different batch shapes"):
-        graph_path(OmegaConf.create({**base, "cuda_graph": True}), cuda, lora, 2)
+    # A sharded model keeps the plain step (auto) or says why not (true).
+    assert graph_path(OmegaConf.create({**base, "cuda_graph": "auto", "fsdp": True}), cuda, lora) is False
+    with pytest.raises(ConfigError, match="train.fsdp=true: the recorded step would not hold"):
+        graph_path(OmegaConf.create({**base, "cuda_graph": True, "fsdp": True}), cuda, lora)
     with pytest.raises(ConfigError, match="valid: auto, true, false"):
         graph_path(OmegaConf.create({**base, "cuda_graph": "yes"}), cuda, lora)
     # Compiled blocks go inside the graph; a whole-model compile or inductor's own graphs do not.

@@ -422,7 +422,7 @@ def test_fsdp_leaves_the_fast_path_off_under_auto_and_delta_lora_deferred():
                   "train.cuda_graph=auto", "train.compile=auto")
     method = build_method(cfg.method, 10)
     fast = fastpath.resolve(OmegaConf.merge(cfg.train, {"grad_accum": 1}), torch.device("cpu"),
-                            method, 2)
+                            method)
     assert (fast.cuda_graph, fast.compile, fast.fsdp, fast.graph_update) == (False, None, True, False)
     assert method.resolve_update(fast) == "deferred"
     for overrides in (["method.update=explicit"], ["method.lora_dropout=0.1"]):

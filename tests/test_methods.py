@@ -1,6 +1,8 @@
 """Each method does exactly what the paper says, shown on tiny models and real RTE rows."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -104,9 +106,10 @@ def changed(before: dict, model) -> set[str]:
 
 
 @pytest.mark.parametrize("model_name", ["tiny-roberta", "tiny-gpt2"])
-@pytest.mark.parametrize("method", ["lora", "delta-lora", "dylora", "adalora", "ft", "ft-noembed", "ft-qv"])
+@pytest.mark.parametrize("method", ["lora", "delta-lora", "scaled-lora", "dylora", "adalora", "ft",
+                                    "ft-noembed", "ft-qv"])
 def test_exactly_the_intended_parameters_change(model_name, method, tmp_path):
-    extra = ["method.start_steps=0"] if method == "delta-lora" else []
+    extra = ["method.start_steps=0"] if method in ("delta-lora", "scaled-lora") else []
     cfg = make_cfg(f"model={model_name}", f"method={method}", *SMALL, *extra, tmp_path=tmp_path)
     task, model, m, trainer = build(cfg)
     before = snapshot(model)
@@ -118,7 +121,7 @@ def test_exactly_the_intended_parameters_change(model_name, method, tmp_path):
     if method in ("lora", "dylora", "adalora"):
         assert moved - adapters == head     # no pretrained weight moves
         assert adapters and adapters & moved
-    if method == "delta-lora":
+    if method in ("delta-lora", "scaled-lora"):     # scaled-lora: its offset written at the end
         weights = {n for n in before if n.endswith(("query.base.weight", "value.base.weight",
                                                     "c_attn.base.weight"))}
         assert moved - adapters == head | weights and weights
@@ -327,3 +330,58 @@ def test_delta_lora_deferred_keeps_w_until_the_end_and_needs_no_branch_dropout(t
         cfg = make_cfg("model=tiny-gpt2", "method=delta-lora", "method.update=lazy", *SMALL,
                        tmp_path=tmp_path / "e")
         build(cfg)[-1].start()
+
+
+def test_scaled_lora_computes_delta_loras_function_with_gradients_1_plus_lambda_larger():
+    """The control's layer and Delta-LoRA's (deferred) layer, with the same W, factors (A_t, B_t)
+    and snapshot (A_K, B_K), compute W x + s (1 + lambda) B_t A_t x - lambda s B_K A_K x (written
+    out by hand here); the factors' gradients of the control are exactly (1 + lambda) times
+    Delta-LoRA's, and Delta-LoRA's are those of s B_t A_t alone (Algorithm 1)."""
+    from deltalora_repro.adapters import LoRALayer
+    torch.manual_seed(0)
+    lam, rank, alpha = 2.0, 2, 8.0
+    s = alpha / rank
+    base = torch.nn.Linear(6, 5)
+    x, g = torch.randn(3, 6), torch.randn(3, 5)
+    A, B = torch.randn(rank, 6), torch.randn(5, rank)
+    A_K, B_K = torch.randn(rank, 6), torch.randn(5, rank)
+    layers = {}
+    for name, rescale in (("delta", True), ("scaled", False)):
+        layer = LoRALayer(copy.deepcopy(base), [(0, 5)], rank, alpha, 0.0)
+        with torch.no_grad():
+            layer.lora_A[0].copy_(A)
+            layer.lora_B[0].copy_(B)
+        layer.register_buffer("prev_A0", A_K.clone())
+        layer.register_buffer("prev_B0", B_K.clone())
+        layer.deferred_coef = 1 + lam
+        layer.deferred_grad_rescale = rescale
+        out = layer(x)
+        (out * g).sum().backward()
+        layers[name] = (out.detach(), layer.lora_A[0].grad, layer.lora_B[0].grad)
+    by_hand = base(x) + x @ (s * (1 + lam) * B @ A - lam * s * B_K @ A_K).t()
+    for name in layers:
+        torch.testing.assert_close(layers[name][0], by_hand.detach(), rtol=1e-5, atol=1e-5)
+    # d/dA of sum(g * (s B A x)) = s B^T g^T x; d/dB = s g^T x A^T (the gradients of s B A alone).
+    grad_a, grad_b = s * B.t() @ g.t() @ x, s * g.t() @ x @ A.t()
+    torch.testing.assert_close(layers["delta"][1], grad_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layers["delta"][2], grad_b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layers["scaled"][1], (1 + lam) * layers["delta"][1], rtol=1e-6, atol=0)
+    torch.testing.assert_close(layers["scaled"][2], (1 + lam) * layers["delta"][2], rtol=1e-6, atol=0)
+
+
+def test_scaled_lora_runs_deferred_and_refuses_explicit_or_dropout(tmp_path):
+    from deltalora_repro.errors import ConfigError
+    from deltalora_repro.run import validate
+    cfg = make_cfg("model=tiny-roberta", "method=scaled-lora", "method.start_steps=1", *SMALL,
+                   tmp_path=tmp_path)
+    task, model, method, trainer = build(cfg)
+    trainer.fit()
+    assert method.update_mode == "deferred"
+    assert all(not layer.deferred_grad_rescale for layer, *_ in method.sites)
+    bad = make_cfg("model=tiny-roberta", "method=scaled-lora", "method.update=explicit", *SMALL,
+                   tmp_path=tmp_path / "b")
+    with pytest.raises(ConfigError, match=r"method.update must be one of auto, deferred"):
+        validate(bad)
+    with pytest.raises(ConfigError, match="scaled-lora needs method.lora_dropout=0"):
+        build(make_cfg("model=tiny-roberta", "method=scaled-lora", "method.lora_dropout=0.1",
+                       *SMALL, tmp_path=tmp_path / "c"))

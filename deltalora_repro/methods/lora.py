@@ -144,3 +144,35 @@ class DeltaLoRAMethod(LoRA):
     def changed_base_params(self, model: nn.Module) -> list[str]:
         names = {id(p): n for n, p in model.named_parameters()}
         return sorted({names[id(layer.base.weight)] for layer, *_ in self.sites})
+
+
+@register("scaled-lora")
+class ScaledLoRA(DeltaLoRAMethod):
+    """A control for Delta-LoRA: LoRA whose branch scaling is s before step K and s (1 + lambda)
+    after it, with the constant offset -lambda s B_K A_K that keeps the function continuous at K.
+
+    Delta-LoRA's W updates telescope, so after step K its layer computes
+    W_0 + s (1 + lambda) B_t A_t - lambda s B_K A_K: exactly this function. The one difference is
+    that here the factors get the gradients of that branch as it is, (1 + lambda) times those
+    Delta-LoRA gives them (Algorithm 1 hands them the gradient of s B A alone). Under Adam, which
+    normalises a gradient's scale, that changes little (its moments carried across K, gradient
+    clipping). If this control matches Delta-LoRA, the gain comes from the branch's scale, not
+    from updating W. It runs as Delta-LoRA's deferred form without its gradient rescaling; the
+    offset and the extra scale are written into W at the end, so the exported model is an
+    ordinary one.
+    """
+
+    UPDATES = ("auto", "deferred")
+
+    def apply(self, model: nn.Module, head_names: list[str]) -> nn.Module:
+        if self.cfg.lora_dropout > 0:
+            raise ConfigError("scaled-lora needs method.lora_dropout=0 (it is Delta-LoRA's function, "
+                              "whose deferred form sees the undropped input)")
+        super().apply(model, head_names)
+        for layer, *_ in self.sites:
+            layer.deferred_grad_rescale = False
+        return model
+
+    def resolve_update(self, fast) -> str:
+        super().resolve_update(fast)        # the checks (an unknown method.update, train.fsdp)
+        return "deferred"
