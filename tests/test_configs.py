@@ -116,7 +116,7 @@ def test_ft_methods_carry_no_low_rank_keys(defaults):
         else:
             assert {"rank", "alpha", "lora_dropout"} <= keys, (task, method)
         assert ("schedule" in keys) == (method == "adalora"), (task, method)
-        assert ("update_ratio" in keys) == (method == "delta-lora"), (task, method)
+        assert ("update_ratio" in keys) == (method in ("delta-lora", "scaled-lora")), (task, method)
 
 
 # (task, method): {dotted key: value}, read off the paper's Tables 9, 11 and 13 (Appendix A.3);
@@ -223,9 +223,11 @@ def test_an_experiments_pinned_and_swept_values_arrive_at_their_address(experime
             point = _compose_all([[f"experiment={name}", f"{key}={values[-1]}"]])
             assert OmegaConf.select(next(iter(point.values())), key) == values[-1], (name, key)
             checked.add(key)
-    # Which ones exist today: AdaLoRA's ranks, Table 5's branch dropout, Tables 6-8's sweeps.
+    # Which ones exist today: AdaLoRA's ranks, Table 5's branch dropout, Tables 6-8's sweeps, the
+    # alpha (1 + lambda) control.
     assert checked == {"method.rank", "method.target_rank", "method.lora_dropout", "train.lr",
-                       "method.update_ratio", "method.start_steps"}
+                       "method.update_ratio", "method.start_steps", "method.alpha"}
+    assert experiments["experiment=controls/lora-alpha"].method.alpha == 32 * (1 + 2)   # Table 9
     a1, a4 = experiments["experiment=table1/adalora"], experiments["experiment=table4/adalora"]
     assert (a1.method.rank, a1.method.target_rank) == (6, 4)     # over the E2E paper file's 4
     assert (a4.method.rank, a4.method.target_rank) == (8, 6)     # Sec. 5.3
