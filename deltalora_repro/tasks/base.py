@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..errors import DataError
 from ..families import family_spec
-from ..progress import bar, stage
+from ..progress import bar
 from ..registry import Registry
 
 
@@ -64,20 +64,6 @@ class Task:
     def test(self, model, device, output_dir) -> dict:
         """After training: the task's final evaluation (decoding + official scores for NLG)."""
         return {}
-
-    def finish_test(self, rows: list[dict], output_dir, what: str, score: Callable[[], dict]) -> dict:
-        """After decoding the test set (every process has every output): the main process writes
-        the rows (when given a folder) and scores them, unless task.score=false (decoded on a
-        machine without Java, METEOR's and the PTB tokenizer's: scored later from the kept
-        predictions by `python -m deltalora_repro.score_run RECORD`)."""
-        if output_dir is not None:
-            write_predictions(output_dir, rows)
-        if self.world is not None and not self.world.is_main:
-            return {}
-        if not self.cfg.get("score", True):
-            return {}
-        with stage(f"scoring {len(rows)} {what}"):
-            return score()
 
     # -- scoring kept test outputs (score_run) ------------------------------------------------------
     # A task whose test outputs are decoded text keeps them as predictions.jsonl rows; `score`

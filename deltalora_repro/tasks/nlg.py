@@ -18,7 +18,8 @@ from ..decoding import BeamConfig, beam_search
 from ..errors import DataError
 from ..metrics import e2e as e2e_metrics
 from ..metrics import webnlg as webnlg_metrics
-from .base import Task, pad_inputs, register_task, validation_loss
+from ..progress import stage
+from .base import Task, pad_inputs, register_task, validation_loss, write_predictions
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +184,16 @@ class NLGTask(Task):
         predictions = self.decode(model, [ex.context for ex, _ in self.test_groups])
         rows = [{"context": ex.context, "prediction": pred, "references": refs, "group": ex.group,
                  "seen": ex.seen} for (ex, refs), pred in zip(self.test_groups, predictions)]
-        return self.finish_test(rows, output_dir, "test outputs",
-                                lambda: self.score(rows, self.default_procedures, self.data_dir))
+        if output_dir is not None:
+            write_predictions(output_dir, rows)
+        if self.world is not None and not self.world.is_main:
+            return {}                     # every process has the outputs; the main one scores
+        if not self.cfg.get("score", True):
+            # Decoded on a machine without Java (METEOR, PTB tokenizer): score later from the
+            # kept predictions with `python -m deltalora_repro.score_run RECORD`.
+            return {}
+        with stage(f"scoring {len(predictions)} test outputs"):
+            return self.score(rows, self.default_procedures, self.data_dir)
 
 
 @register_task("e2e")
