@@ -81,11 +81,8 @@ def _norm(value: Any) -> Any:
 
 
 def _short(x: Any) -> str:
-    """A number as the paper prints it: 6e-4, 0.5, 96."""
-    if isinstance(x, float) and x != 0 and abs(x) < 1e-3:
-        mantissa, exponent = f"{x:e}".split("e")
-        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-    return f"{x:g}" if isinstance(x, (int, float)) and not isinstance(x, bool) else str(x)
+    """A number as the paper prints it (the tables' form: 6e-4, 0.5, 96); anything else as text."""
+    return tables._short(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else str(x)
 
 
 @dataclass(frozen=True, order=True)
@@ -242,6 +239,7 @@ class Group:
     excluded: list[tuple[Record, list[str]]]
     unscored: list[Record]
     comparisons: list[Comparison]
+    skipped: list[Record] = field(default_factory=list)  # runs that did not complete
 
 
 def build_groups(loaded: tables.LoadedRecords, procedure: str) -> list[Group]:
@@ -249,6 +247,9 @@ def build_groups(loaded: tables.LoadedRecords, procedure: str) -> list[Group]:
     by_group: dict[tuple[str, str], list[Record]] = {}
     for r in loaded.completed:
         by_group.setdefault((r["task"], r["model"]), []).append(r)
+    not_completed: dict[tuple[str, str], list[Record]] = {}
+    for r in loaded.skipped:
+        not_completed.setdefault((r.get("task"), r.get("model")), []).append(r)
     groups = []
     for task, model in sorted(set(by_group) | set(EXPECTED)):
         found = task_columns(task)
@@ -277,8 +278,9 @@ def build_groups(loaded: tables.LoadedRecords, procedure: str) -> list[Group]:
                 else:
                     slot.values.setdefault(key, {}).pop(seed, None)
         ordered = [arms[a] for a in sorted(arms, key=lambda a: (a.order, a.method, arm_label(a, task)))]
+        skipped = sorted(not_completed.get((task, model), []), key=lambda r: str(r.get("run_id")))
         groups.append(Group(task, model, ordered, spec, columns, excluded, unscored,
-                            _comparisons(ordered, columns)))
+                            _comparisons(ordered, columns), skipped))
     return groups
 
 
@@ -358,7 +360,10 @@ def scaled_lora_reading(group: Group) -> str | None:
              "without updating W; only the factors' gradients differ.")
     if n < 2:
         return f"{intro} Fewer than 2 paired seeds on some metric: no conclusion."
-    different = [c.column.label for c in control if c.p is not None and c.p < 0.05]
+    # A difference the same on every seed but not zero has no test (zero spread), yet is no sign
+    # of equality: it counts as a difference.
+    different = [c.column.label for c in control
+                 if (c.p is not None and c.p < 0.05) or (c.p is None and any(c.differences))]
     if not different:
         return (f"{intro} On no metric is Delta-LoRA − Scaled LoRA distinguishable from zero at "
                 f"n = {n}. If that holds with more seeds, what Delta-LoRA gains over LoRA would be "
@@ -520,6 +525,9 @@ def render_group(group: Group) -> list[str]:
         ids = ", ".join(f"`{r['run_id']}`" for r in group.unscored)
         lines += [f"Completed but without scores under this procedure (`python -m "
                   f"deltalora_repro.score_run RECORD` scores one), not used: {ids}.", ""]
+    if group.skipped:
+        ids = ", ".join(f"`{r.get('run_id', '?')}` ({r.get('status')})" for r in group.skipped)
+        lines += [f"Not completed, not used: {ids}.", ""]
     if group.excluded:
         ids = "; ".join(f"`{r['run_id']}` ({', '.join(why)})" for r, why in group.excluded)
         lines += [f"Left out as trial runs (the tables' rules): {ids}.", ""]
@@ -562,7 +570,9 @@ def render(results_dir: Path, procedure: str = "paper") -> str:
         f"Code at commit `{str(git.get('commit') or 'unknown')[:10]}`{dirty}.", "",
         f"Scoring procedure of every E2E number: `{procedure}`, "
         f"{e2e.PROCEDURES[procedure].description}. WebNLG: `{procedure}`, "
-        f"{webnlg.PROCEDURES[procedure].description}.", "",
+        f"{webnlg.PROCEDURES[procedure].description}."
+        + ("" if procedure == "paper" else " The paper's numbers beside ours come from its own "
+           "procedure (`paper`)."), "",
         "An arm is a method plus the settings in which its runs depart from the paper's values for "
         "the task (learning rate, alpha, and any other method setting, each named in the label); "
         "runs of different settings are never pooled. Numbers are in the paper's units "
