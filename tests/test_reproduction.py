@@ -2,7 +2,6 @@
 (a committed E2E record as the template), the report's numbers against hand computations."""
 from __future__ import annotations
 
-import copy
 import json
 import math
 import re
