@@ -29,6 +29,7 @@ tables:             ## every paper table and the index from the run records in r
 	$(PYTHON) -m deltalora_repro.tables --results results
 	$(PYTHON) -m deltalora_repro.tables --results results --procedure official
 	$(PYTHON) -m deltalora_repro.figure3 --results results
+	$(PYTHON) -m deltalora_repro.reproduction --results results
 
 # 3 epochs of RTE at batch 128 are 60 optimizer steps: K=20 (the paper's RTE K is 200) so that
 # Delta-LoRA's W update runs for the last 40 of them.

@@ -590,6 +590,19 @@ def _finite_metrics(record: Record) -> bool:
     return all(v == v and abs(v) != float("inf") for v in values)
 
 
+# Public entry points for other reports over the same runs (deltalora_repro.reproduction), so
+# that they exclude and read runs exactly as the tables do.
+def exclusion_reasons(record: Record) -> list[str]:
+    """Why a completed run fills no table cell (a trial, or non-finite metrics); empty if none."""
+    return trial_reasons(record) or ([] if _finite_metrics(record) else ["non-finite metrics"])
+
+
+def metric_value(record: Record, spec: TableSpec, column: Column,
+                 procedures: Mapping[str, str] = DEFAULT_PROCEDURES) -> float | None:
+    """The number a table cell would take from this run, in the paper's unit (see `_metric`)."""
+    return _metric(record, spec, column, procedures)
+
+
 def belongs(spec: TableSpec, record: Record) -> bool:
     """Which runs a table may use: a run of an experiment config (`experiment=table7/...`) only
     that table, so a study's settings (a reduced training set, a sweep) never fill another table's

@@ -1,0 +1,232 @@
+"""The reproduction report: synthetic run records and score records written as the code writes them
+(a committed E2E record as the template), the report's numbers against hand computations."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from deltalora_repro import reproduction as rep
+from deltalora_repro.config import compose
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = ROOT / "results/records/e2e/smollm2-135m/lora/20261129-215451-8f8c93.json"
+E2E = ("bleu", "nist", "meteor", "rouge_l", "cider")
+
+
+def _write(results: Path, method: str, seed: int, run_id: str, bleu: float, *, lr: float | None = None,
+           method_overrides: dict | None = None, train_overrides: dict | None = None,
+           experiment: str | None = None, scored: bool = True) -> None:
+    """One completed E2E run of smollm2-135m at the paper's settings for `method` (its config the
+    composed paper config, as a run records it), BLEU as given, the other metrics constant."""
+    record = json.loads(TEMPLATE.read_text())
+    record.update(run_id=run_id, method=method, seed=seed, experiment=experiment)
+    cfg = compose("task=e2e", f"method={method}")
+    record["config"]["method"] = {**OmegaConf.to_container(cfg.method, resolve=True),
+                                  **(method_overrides or {})}
+    record["config"]["seed"] = seed
+    record["config"]["train"].update(lr=cfg.train.lr if lr is None else lr, **(train_overrides or {}))
+    path = results / "records" / "e2e" / "smollm2-135m" / method / f"{run_id}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    if scored:
+        metrics = dict(bleu=bleu, nist=8.7, meteor=0.46, rouge_l=0.70, cider=2.5)
+        score = {"kind": "score", "run_id": run_id, "task": "e2e", "model": "smollm2-135m",
+                 "method": method, "procedure": "paper", "metrics": metrics,
+                 "procedures": {"paper": {"metrics": metrics}}}
+        spath = results / "scores" / "e2e" / "smollm2-135m" / method / f"{run_id}.json"
+        spath.parent.mkdir(parents=True, exist_ok=True)
+        spath.write_text(json.dumps(score, indent=1))
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("results")
+    # LoRA BLEU 68, 69, 70 (x100); seed 1 ran twice, the older run (earlier id) had 50.
+    _write(root, "lora", 0, "20260101-000000-aaaa00", 0.680)
+    _write(root, "lora", 1, "20260101-000000-aaaa01", 0.500)
+    _write(root, "lora", 1, "20260102-000000-aaaa11", 0.690)
+    _write(root, "lora", 2, "20260101-000000-aaaa02", 0.700)
+    # Delta-LoRA 69, 70.5, 71.5: differences 1, 1.5, 1.5.
+    _write(root, "delta-lora", 0, "20260101-000000-bbbb00", 0.690)
+    _write(root, "delta-lora", 1, "20260101-000000-bbbb01", 0.705)
+    _write(root, "delta-lora", 2, "20260101-000000-bbbb02", 0.715)
+    # A trial run (1 epoch) of Delta-LoRA seed 0, newer, with a far-off number: never used.
+    _write(root, "delta-lora", 0, "20260103-000000-cccc00", 0.100, train_overrides={"epochs": 1})
+    # Delta-LoRA at lambda 1: its own arm.
+    _write(root, "delta-lora", 0, "20260101-000000-dddd00", 0.600, method_overrides={"update_ratio": 1})
+    # Scaled LoRA 69.5, 70, 71.5: differences -0.5, 0.5, 0.
+    _write(root, "scaled-lora", 0, "20260101-000000-eeee00", 0.695)
+    _write(root, "scaled-lora", 1, "20260101-000000-eeee01", 0.700)
+    _write(root, "scaled-lora", 2, "20260101-000000-eeee02", 0.715)
+    # LoRA at lr 6e-4 (Table 6's study), seed 0 only.
+    _write(root, "lora", 0, "20260101-000000-ffff00", 0.670, lr=6e-4, experiment="table6/lora-lr")
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(results) -> str:
+    return rep.render(results)
+
+
+@pytest.fixture(scope="module")
+def group(results):
+    from deltalora_repro import tables
+    groups = rep.build_groups(tables.scan_records(results), "paper")
+    return next(g for g in groups if (g.task, g.model) == ("e2e", "smollm2-135m"))
+
+
+def _arm(group, label):
+    return next(a for a in group.arms if a.label == label)
+
+
+def test_arms_means_and_sample_sd(group, report):
+    labels = [a.label for a in group.arms]
+    assert labels == ["LoRA", "LoRA, lr 6e-4", "Scaled LoRA (control)", "Delta-LoRA", "Delta-LoRA, λ 1"]
+    lora = _arm(group, "LoRA")
+    assert lora.values["bleu"] == pytest.approx({0: 68.0, 1: 69.0, 2: 70.0})
+    # mean 69, sample sd sqrt(((-1)^2 + 0 + 1^2) / 2) = 1
+    assert "| LoRA | 69.00 ± 1.00 (n=3) | 8.700 ± 0.000 (n=3) | 46.00 ± 0.00 (n=3) |" in report
+    # 69, 70.5, 71.5: mean 70.333..., squared deviations 16/9 + 1/36 + 49/36 = 19/6, sd sqrt(19/12)
+    assert f"| Delta-LoRA | 70.33 ± {math.sqrt(19 / 12):.2f} (n=3) |" in report
+    # The paper's numbers (Table 1, Table 6's lr 6e-4 row), labelled with the paper's model.
+    assert "| paper, gpt2-medium (Table 1): LoRA | 69.60 | 8.780 | 45.61 | 71.12 | 2.450 |" in report
+    assert "| paper, gpt2-medium (Table 1): Delta-LoRA | 70.84 |" in report
+    assert "| paper, gpt2-medium (Table 6): LoRA, lr 6e-4 | 69.63 |" in report
+    # every seed's value
+    assert "| Delta-LoRA | 2 | 71.50 | 8.700 | 46.00 | 70.00 | 2.500 |" in report
+
+
+def test_trial_run_left_out(group, report):
+    delta = _arm(group, "Delta-LoRA")
+    assert delta.runs[0]["run_id"] == "20260101-000000-bbbb00"
+    assert "`20260103-000000-cccc00` (train.epochs=1 (paper: 5))" in report
+    assert all(r["run_id"] != "20260103-000000-cccc00" for a in group.arms for r in a.runs.values())
+
+
+def test_other_lambda_is_its_own_arm(group):
+    other = _arm(group, "Delta-LoRA, λ 1")
+    assert [r["run_id"] for r in other.runs.values()] == ["20260101-000000-dddd00"]
+    assert other.values["bleu"] == pytest.approx({0: 60.0})
+    assert _arm(group, "Delta-LoRA").values["bleu"][0] == pytest.approx(69.0)
+
+
+def test_newest_of_duplicate_seeds_used_and_said(group, report):
+    assert _arm(group, "LoRA").runs[1]["run_id"] == "20260102-000000-aaaa11"
+    assert ("- LoRA, seed 1: the newest run `20260102-000000-aaaa11` is used; the older "
+            "`20260101-000000-aaaa01` is not.") in report
+
+
+def test_paired_differences_and_t_test(group, report):
+    c = next(c for c in group.comparisons if c.other.method == "lora" and not c.other.departures
+             and c.column.key == "bleu")
+    assert c.differences == pytest.approx([1.0, 1.5, 1.5])
+    sd = math.sqrt(1 / 12)  # deviations -1/3, 1/6, 1/6
+    t = (4 / 3) / (sd / math.sqrt(3))  # = 8
+    # Student's t with 2 degrees of freedom has the closed form P(|T| > t) = 1 - t / sqrt(t^2 + 2).
+    p = 1 - t / math.sqrt(t * t + 2)
+    assert t == pytest.approx(8.0)
+    assert c.p == pytest.approx(p, rel=1e-9)
+    assert (f"| Delta-LoRA − LoRA | BLEU | 0, 1, 2 | +1.33 | {sd:.2f} | 3 | {p:.3f} | 3 of 3 |"
+            in report)
+    # Metrics equal on every seed: no spread, no test.
+    assert "| Delta-LoRA − LoRA | NIST | 0, 1, 2 | +0.000 | 0.000 | 3 | n/a | 0 of 3 |" in report
+    # Only shared seeds pair: lr 6e-4 ran seed 0 only.
+    assert "| Delta-LoRA − LoRA, lr 6e-4 | BLEU | 0 | +2.00 | n/a | 1 | n/a | 1 of 1 |" in report
+
+
+def test_reading_follows_the_rules(report):
+    p = 1 - 8 / math.sqrt(66)
+    assert (f"- BLEU, Delta-LoRA − LoRA: 3 of 3 seeds higher (sign consistent: higher on every "
+            f"seed); mean +1.33, sd 0.29, standard error 0.17; |mean| exceeds its standard error; "
+            f"p = {p:.3f}: below 0.05 at n = 3, one test among several, so indicative only.") in report
+    assert ("- BLEU, Delta-LoRA − LoRA, lr 6e-4: one paired seed (higher; difference +2.00): no "
+            "spread and no test with one seed.") in report
+    # Scaled LoRA: differences -0.5, +0.5, 0: mean 0, p = 1 on BLEU, zero elsewhere.
+    assert ("- BLEU, Delta-LoRA − Scaled LoRA (control): 1 of 3 seeds higher (sign not consistent "
+            "across seeds); mean +0.00, sd 0.50, standard error 0.29; |mean| does not exceed its "
+            "standard error; p = 1.000: not distinguishable from zero at n = 3.") in report
+    assert ("On no metric is Delta-LoRA − Scaled LoRA distinguishable from zero at n = 3. If that "
+            "holds with more seeds, what Delta-LoRA gains over LoRA would be attributable to the "
+            "larger branch scale rather than to updating W") in report
+
+
+def test_reading_mixed_signs_hand_computed():
+    from deltalora_repro import tables
+    column = tables.Column("bleu", "BLEU", "e2e", "bleu", 100.0)
+    diffs = [1.0, -0.5, 2.0]
+    mean = 2.5 / 3
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
+    t = mean / (sd / math.sqrt(3))
+    p = 1 - t / math.sqrt(t * t + 2)
+    ours, theirs = [70.0, 69.5, 72.0], [69.0, 70.0, 70.0]
+    c = rep.Comparison(rep.make_arm("lora", ()), column, [0, 1, 2], diffs,
+                       rep.paired_p(diffs, ours, theirs))
+    assert c.p == pytest.approx(p, rel=1e-9)
+    assert rep.reading(c, "Delta-LoRA", "LoRA") == (
+        f"BLEU, Delta-LoRA − LoRA: 2 of 3 seeds higher (sign not consistent across seeds); mean "
+        f"+0.83, sd {sd:.2f}, standard error {sd / math.sqrt(3):.2f}; |mean| exceeds its standard "
+        f"error; p = {p:.3f}: not distinguishable from zero at n = 3.")
+
+
+def test_missing_seeds_listed_with_commands(report):
+    assert "- LoRA, lr 6e-4: seeds 1, 2 missing. One run (seed 1;" in report
+    assert ("  python -m deltalora_repro experiment=table6/lora-lr train.lr=6e-4 model=smollm2-135m "
+            "data_dir=../shared/data/e2e task.score=false seed=1") in report
+    assert "- LoRA, α 96 (= α(1+λ)): seeds 0, 1, 2 missing." in report
+    assert "- Fine-Tuning‡ (ft-qv): seeds 0, 1, 2 missing." in report
+    assert ("  python -m deltalora_repro.score_run outputs/results/records/e2e/smollm2-135m/ft-qv/"
+            "<run_id>.json") in report
+    # arms with all three seeds are not listed
+    assert "- LoRA: seeds" not in report.split("## e2e · smollm2-135m")[1].split("## glue")[0]
+    assert "- Scaled LoRA (control): seeds" not in report
+    # planned groups without any run are listed too
+    assert ("  python -m deltalora_repro task=glue/stsb method=delta-lora model=minilm-l6 "
+            "data_dir=../shared/data/glue seed=0") in report
+
+
+@pytest.mark.parametrize("group_key", sorted(rep.EXPECTED))
+def test_planned_commands_make_protocol_runs_of_their_arm(group_key):
+    """Each planned arm's command, composed as Hydra composes it, is a run of that arm that the
+    tables' rules accept (not a trial)."""
+    from deltalora_repro import tables
+    task, model = group_key
+    for method, deps, overrides in rep.EXPECTED[group_key]:
+        words = rep.run_command(task, model, overrides, 0)[0].split()[3:]
+        cfg = compose(*[w for w in words if not w.startswith("data_dir=")])
+        record = {"task": cfg.task.name, "model": cfg.model.name, "method": cfg.method.name,
+                  "experiment": next((w.split("=")[1] for w in words if w.startswith("experiment=")), None),
+                  "config": {"method": OmegaConf.to_container(cfg.method, resolve=True),
+                             "train": OmegaConf.to_container(cfg.train, resolve=True),
+                             "task": {"version": cfg.task.get("version")}},
+                  "metrics": {"final": {}}}
+        assert (record["task"], record["model"]) == group_key
+        assert rep.arm_of(record) == rep.make_arm(method, deps), overrides
+        assert tables.exclusion_reasons(record) == [], overrides
+
+
+def test_committed_report_is_current():
+    """results/REPRODUCTION.md is what the command makes from the committed records (only the
+    line naming the code's commit may differ)."""
+    def strip(text: str) -> str:
+        return re.sub(r"(?m)^Code at commit .*$", "", text)
+    committed = (ROOT / "results" / rep.OUT_NAME).read_text(encoding="utf-8")
+    assert strip(rep.render(ROOT / "results")) == strip(committed)
+
+
+def test_cli_bad_input(tmp_path, capsys):
+    assert rep.main(["--results", str(tmp_path)]) == 2
+    assert "no run records under" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        rep.main(["--results", str(tmp_path), "--procedure", "bogus"])
+    assert exc.value.code == 2
+    assert "paper" in capsys.readouterr().err
+
+
+def test_cli_writes_the_report(results, report, capsys):
+    assert rep.main(["--results", str(results)]) == 0
+    assert (results / "REPRODUCTION.md").read_text(encoding="utf-8") == report
