@@ -938,11 +938,35 @@ def render_index(results_dir: Path) -> str:
             cmd = "python -m deltalora_repro.bench " + " ".join(
                 f"--{k.replace('_', '-')} {v}" for k, v in args.items()
                 if k in ("shape", "methods", "lengths", "batch", "precision", "paths") and v not in ("None", ""))
+            if args.get("processes", "1") != "1":
+                cmd += f" --processes {args['processes']}"
             if b.get("kind") == "bench-decode":
                 cmd = f"python -m deltalora_repro.bench --decode --shape {args.get('shape')} --precision {args.get('precision')} --decode-batch {args.get('decode_batch')}"
-            lines.append(f"| `{f.stem}` | {b.get('kind')} | {args.get('shape')} | `{commit}` | "
+            shape = args.get("shape")
+            if b.get("kind") in ("bench-fsdp", "bench-sweep"):
+                cmd, shape = _script_bench(b)
+            lines.append(f"| `{f.stem}` | {b.get('kind')} | {shape} | `{commit}` | "
                          f"{(b.get('machine') or {}).get('device_name', '?')} | `{cmd}` |")
     return "\n".join(lines) + "\n"
+
+
+def _script_bench(b: dict) -> tuple[str, str]:
+    """(command, what it measured) of a record written by scripts/bench_fsdp.py or
+    scripts/bench_sweep.py. Records from before those scripts wrote their own command line are
+    told by what they hold: the FSDP bench's arguments after its (mislabelled) module name, the
+    sweep's job count and the overrides it changed."""
+    if b["kind"] == "bench-fsdp":
+        model = (b.get("rows") or [{}])[0].get("model", "?")
+        cmd = b.get("command", "")
+        if not cmd.startswith("torchrun"):
+            _, _, rest = cmd.partition(" -m deltalora_repro ")
+            cmd = f"torchrun --nproc_per_node={(b.get('world') or {}).get('size', '?')} scripts/bench_fsdp.py {rest}"
+        return cmd.replace(" --out /root/out/bench", ""), model
+    what = f"{b.get('jobs', '?')} jobs"
+    if "command" in b:
+        return b["command"], what
+    jobs = " ".join(o for o in b.get("overrides", []) if not o.startswith("data_dir="))
+    return f"python scripts/bench_sweep.py --jobs {b.get('jobs', '?')} (every job: {jobs})", what
 
 
 if __name__ == "__main__":

@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         record = {"kind": "bench-fsdp", "schema": records.SCHEMA, "rows": rows,
                   "world": world.describe(), "machine": records.machine(world.device),
                   "git": records.git_state(), "versions": records.versions(),
-                  "command": records.command_line(),
+                  "command": " ".join(["torchrun", f"--nproc_per_node={world.size}",
+                                       "scripts/bench_fsdp.py", *sys.argv[1:]]),
                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         name = args.name or f"fsdp-{records.new_run_id()}"
         path = args.out / f"{name}.json"

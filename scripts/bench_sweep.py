@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     run_id = records.new_run_id()
     record = {
         "run_id": run_id, "kind": "bench-sweep", "jobs": args.jobs, "overrides": overrides,
+        "command": " ".join(["python", "scripts/bench_sweep.py", *(sys.argv[1:] if argv is None else argv)]),
         "gpus": torch.cuda.device_count(),
         "side_by_side": {"launcher": "launch=gpus (joblib)", "wall_s": side_wall,
                          "devices": [r["machine"].get("device_name", "cpu") + " " + r["config"]["device"]
