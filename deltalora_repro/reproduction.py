@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deltalora_repro import records as run_records
 from deltalora_repro import tables
 from deltalora_repro.paper_numbers import PAPER_TABLES
 
@@ -554,8 +553,10 @@ def render(results_dir: Path, procedure: str = "paper") -> str:
     groups = build_groups(loaded, procedure)
     used = sum(len(a.runs) for g in groups for a in g.arms)
     excluded = sum(len(g.excluded) for g in groups)
-    git = run_records.git_state()
-    dirty = {True: " (with uncommitted changes)", False: "", None: ""}[git.get("dirty")]
+    # The commits of the runs used (not of the code rendering them): the file changes only
+    # when the records do.
+    commits = sorted({str((r.get("git") or {}).get("commit") or "unknown")[:10]
+                      for g in groups for a in g.arms for r in a.runs.values()})
     # The procedures' own descriptions, so the text cannot drift from what scored the numbers.
     from deltalora_repro.metrics import e2e, webnlg
     command = COMMAND + ("" if procedure == "paper" else f" --procedure {procedure}")
@@ -567,7 +568,8 @@ def render(results_dir: Path, procedure: str = "paper") -> str:
         f"{len(loaded.completed)} completed, {len(loaded.skipped)} not completed, "
         f"{len(loaded.unreadable)} unreadable; {used} runs used, {excluded} left out as trial runs "
         "(the same rules as the tables).",
-        f"Code at commit `{str(git.get('commit') or 'unknown')[:10]}`{dirty}.", "",
+        "Runs made at commit" + ("s " if len(commits) > 1 else " ") +
+        (", ".join(f"`{c}`" for c in commits) or "none") + " (each run's in the cost table).", "",
         f"Scoring procedure of every E2E number: `{procedure}`, "
         f"{e2e.PROCEDURES[procedure].description}. WebNLG: `{procedure}`, "
         f"{webnlg.PROCEDURES[procedure].description}."

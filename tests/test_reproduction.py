@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import pytest
@@ -210,12 +209,9 @@ def test_planned_commands_make_protocol_runs_of_their_arm(group_key):
 
 
 def test_committed_report_is_current():
-    """results/REPRODUCTION.md is what the command makes from the committed records (only the
-    line naming the code's commit may differ)."""
-    def strip(text: str) -> str:
-        return re.sub(r"(?m)^Code at commit .*$", "", text)
+    """results/REPRODUCTION.md is what the command makes from the committed records."""
     committed = (ROOT / "results" / rep.OUT_NAME).read_text(encoding="utf-8")
-    assert strip(rep.render(ROOT / "results")) == strip(committed)
+    assert rep.render(ROOT / "results") == committed
 
 
 def test_cli_bad_input(tmp_path, capsys):
