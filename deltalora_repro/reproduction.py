@@ -614,9 +614,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="scoring procedure of the E2E and WebNLG numbers (default: paper); "
                              "official writes REPRODUCTION__official.md")
     args = parser.parse_args(argv)
-    if not (args.results / "records").is_dir():
-        print(f"error: no run records under {args.results / 'records'} (--results names the folder "
-              "holding records/, e.g. results or outputs/results)", file=sys.stderr)
+    if not tables.has_records(args.results):
         return 2
     try:
         text = render(args.results, args.procedure)

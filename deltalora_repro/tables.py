@@ -859,6 +859,16 @@ def render_all(results_dir: Path, latex: bool = True, procedure: str = "paper",
     return files
 
 
+def has_records(results_dir: Path) -> bool:
+    """Whether `results_dir` holds records/; if not, says so on stderr (the commands that read
+    records exit 2 then)."""
+    if (results_dir / "records").is_dir():
+        return True
+    print(f"error: no run records under {results_dir / 'records'} (--results names the folder "
+          "holding records/, e.g. results or outputs/results)", file=sys.stderr)
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m deltalora_repro.tables", description=__doc__.splitlines()[0],
@@ -877,9 +887,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="let trial runs (max_steps, subsets, other epochs) fill cells, e.g. for `make smoke`'s "
              "tiny runs; the tables say so")
     args = parser.parse_args(argv)
-    if not (args.results / "records").is_dir():
-        print(f"error: no run records under {args.results / 'records'} (--results names the folder "
-              "holding records/, e.g. results or outputs/results)", file=sys.stderr)
+    if not has_records(args.results):
         raise SystemExit(2)
     for problem in scan_records(args.results).unreadable:
         print(f"warning: skipped {problem}", file=sys.stderr)

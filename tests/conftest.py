@@ -39,6 +39,20 @@ def child_env(**extra: str) -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path, **extra}
 
 
+def signal_at(monkeypatch, step: int, signum: int) -> None:
+    """Deliver a real signal to this process right after optimizer step `step` (a scheduler's
+    notice arriving mid-run)."""
+    from deltalora_repro import train
+    original = train.Trainer.train_step
+
+    def train_step(self, micro_batches):
+        loss = original(self, micro_batches)
+        if self.step == step:
+            os.kill(os.getpid(), signum)
+        return loss
+    monkeypatch.setattr(train.Trainer, "train_step", train_step)
+
+
 def make_cfg(*overrides: str, tmp_path: Path | None = None):
     """The composed config, as the command line would build it, plus the given overrides."""
     cfg = compose(*overrides)

@@ -3,7 +3,6 @@ joblib launcher, each job a process of its own, job k on GPU k mod N)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 
 from deltalora_repro.config import compose
 
-from .conftest import GLUE, child_env, needs_glue
+from .conftest import GLUE, child_env, needs_glue, signal_at
 
 TINY = ["model=tiny-roberta", "task=glue/rte", f"data_dir={GLUE}", "task.train_max_examples=24",
         "task.eval_max_examples=16", "task.max_length=48", "train.batch_size=8", "train.epochs=1",
@@ -68,22 +67,6 @@ def test_launch_slurm_composes_submitit_with_requeue_and_resume_in_place():
     assert local.resume == "auto"
 
 
-def _sigusr2_at(monkeypatch, step: int) -> None:
-    """SIGUSR2 to this process right after optimizer step `step` (SLURM's notice before the
-    time limit)."""
-    import signal
-
-    from deltalora_repro import train
-    original = train.Trainer.train_step
-
-    def train_step(self, micro_batches):
-        loss = original(self, micro_batches)
-        if self.step == step:
-            os.kill(os.getpid(), signal.SIGUSR2)
-        return loss
-    monkeypatch.setattr(train.Trainer, "train_step", train_step)
-
-
 @needs_glue
 def test_sigusr2_checkpoints_hands_on_to_the_schedulers_handler_and_resume_auto_continues(
         tmp_path, monkeypatch):
@@ -109,7 +92,7 @@ def test_sigusr2_checkpoints_hands_on_to_the_schedulers_handler_and_resume_auto_
     previous = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
     try:
         with monkeypatch.context() as m:
-            _sigusr2_at(m, 4)
+            signal_at(m, 4, signal.SIGUSR2)
             with pytest.raises(TrainingInterrupted) as info:
                 run(make_cfg(*args, tmp_path=tmp_path / "b"))
         assert info.value.step == 4 and info.value.signum == signal.SIGUSR2

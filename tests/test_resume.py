@@ -19,12 +19,11 @@ from safetensors.torch import load_file
 
 from deltalora_repro import checkpoint
 from deltalora_repro import build as build_module
-from deltalora_repro import train as train_module
 from deltalora_repro.errors import ConfigError
 from deltalora_repro.run import run
 from deltalora_repro.train import TrainingInterrupted
 
-from .conftest import GLUE, ROOT, SMALL, make_cfg, needs_glue
+from .conftest import GLUE, ROOT, SMALL, make_cfg, needs_glue, signal_at
 
 pytestmark = needs_glue
 
@@ -40,14 +39,7 @@ def cfg_of(tmp_path, *extra):
 
 def sigterm_at(monkeypatch, step: int) -> None:
     """Deliver a real SIGTERM to this process right after optimizer step `step`."""
-    original = train_module.Trainer.train_step
-
-    def train_step(self, micro_batches):
-        loss = original(self, micro_batches)
-        if self.step == step:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return loss
-    monkeypatch.setattr(train_module.Trainer, "train_step", train_step)
+    signal_at(monkeypatch, step, signal.SIGTERM)
 
 
 def record_of(tmp_path) -> dict:
