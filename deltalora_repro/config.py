@@ -34,14 +34,59 @@ def _gpu_count() -> int:
     return max(1, sum(line.startswith("GPU ") for line in done.stdout.splitlines()))
 
 
+def claim_gpu(count: int, preferred: int, lock_dir: Path, ids: list[str] | None = None) -> int:
+    """Claim one of `count` GPUs for this process, for as long as it lives; return its index.
+
+    launch=gpus runs N jobs at a time on N GPUs, but a free worker takes the next job whatever
+    GPU the job's number would give, so `job number mod N` can put two jobs on one GPU while
+    another idles. Instead each job process takes an exclusive lock (fcntl.flock, freed by the OS
+    when the process ends, even killed) on the first free GPU, starting at `preferred`; the
+    launcher's worker processes are reused, and one keeps its GPU for its next job. With every
+    GPU taken (another sweep on the same GPUs) it waits for the preferred one. `ids` name the
+    lock files (the GPUs' UUIDs: two sweeps with different CUDA_VISIBLE_DEVICES still meet)."""
+    import fcntl
+    import logging
+    global _CLAIMED
+    if _CLAIMED is not None:
+        return _CLAIMED[0]
+    ids = ids or [str(i) for i in range(count)]
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    order = [(preferred + k) % count for k in range(count)]
+    for i in order:
+        f = open(lock_dir / f"gpu-{ids[i]}.lock", "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            continue
+        _CLAIMED = (i, f)
+        return i
+    logging.getLogger(__name__).warning("launch=gpus: all %d GPUs are taken (another sweep?); "
+                                        "waiting for GPU %d", count, preferred)
+    f = open(lock_dir / f"gpu-{ids[preferred]}.lock", "a")
+    fcntl.flock(f, fcntl.LOCK_EX)
+    _CLAIMED = (preferred, f)
+    return preferred
+
+
+_CLAIMED: tuple[int, Any] | None = None   # (GPU index, its open lock file) of this process
+
+
 def _job_device() -> str:
-    """launch=gpus: this sweep job's GPU, job number mod the GPUs (resolved in the job's own
-    process); the CPU on a machine without GPUs."""
+    """launch=gpus: this sweep job's GPU (resolved in the job's own process): a free one, claimed
+    for the process (claim_gpu), starting at job number mod the GPUs; the CPU on a machine
+    without GPUs."""
+    import tempfile
+
     import torch
     from hydra.core.hydra_config import HydraConfig
     if not torch.cuda.is_available():
         return "cpu"
-    return f"cuda:{HydraConfig.get().job.num % torch.cuda.device_count()}"
+    count = torch.cuda.device_count()
+    ids = [str(getattr(torch.cuda.get_device_properties(i), "uuid", i)) for i in range(count)]
+    lock_dir = Path(os.environ.get("DELTALORA_GPU_LOCKS",
+                                   Path(tempfile.gettempdir()) / f"deltalora-gpus-{os.getuid()}"))
+    return f"cuda:{claim_gpu(count, HydraConfig.get().job.num % count, lock_dir, ids)}"
 
 
 for _name, _fn in (("deltalora_gpu_count", _gpu_count), ("deltalora_job_device", _job_device)):

@@ -45,7 +45,8 @@ def bench_config(model: str, method: str, batch: int, precision: str, fsdp: bool
 
 
 def bench_one(model_name: str, method_name: str, world, batch: int, length: int,
-              precision: str, steps: int, warmup: int, fsdp: bool) -> dict:
+              precision: str, steps: int, warmup: int, fsdp: bool,
+              profile: Path | None = None) -> dict:
     import torch
 
     from deltalora_repro import sharding
@@ -102,6 +103,8 @@ def bench_one(model_name: str, method_name: str, world, batch: int, length: int,
     else:
         marks.append(time.perf_counter())
         times = [1000 * (b - a) for a, b in zip(marks, marks[1:])]
+    if profile is not None:
+        _profile(trainer, steps_batches[-3:], profile, method_name, world)
     peak = torch.cuda.max_memory_allocated(device) if cuda else None
     peaks = world.gather(peak)
     medians = world.gather(statistics.median(times))
@@ -121,6 +124,32 @@ def bench_one(model_name: str, method_name: str, world, batch: int, length: int,
     if cuda:
         torch.cuda.empty_cache()
     return row
+
+
+def _profile(trainer, steps_batches: list, out: Path, method_name: str, world) -> None:
+    """After the timed steps: three more under torch.profiler; each process writes the operators'
+    table (by device time and by host time) and the host wall time of each step, to tell a step
+    bound by the GPU from one bound by the Python that issues it."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                           if world.device.type == "cuda" else [])
+    walls = []
+    with profile(activities=activities) as prof:
+        for step in steps_batches:
+            t0 = time.perf_counter()
+            trainer.train_step(step)
+            walls.append(1000 * (time.perf_counter() - t0))   # host time to issue the step
+        if world.device.type == "cuda":
+            torch.cuda.synchronize(world.device)
+    table = prof.key_averages()
+    sort = "self_cuda_time_total" if world.device.type == "cuda" else "self_cpu_time_total"
+    out.mkdir(parents=True, exist_ok=True)
+    text = (f"{method_name}, process {world.rank}: host ms per step (issuing, profiled) "
+            f"{[round(w, 1) for w in walls]}\n\n"
+            f"by device time:\n{table.table(sort_by=sort, row_limit=40)}\n\n"
+            f"by host time:\n{table.table(sort_by='self_cpu_time_total', row_limit=40)}\n")
+    (out / f"profile-{method_name}-rank{world.rank}.txt").write_text(text)
 
 
 def render(record: dict) -> str:
@@ -150,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the plain model (one process only): the unsharded baseline")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
     ap.add_argument("--name", default=None, help="record file name (default: a new run id)")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="also profile three steps per method; operator tables go to this folder")
     args = ap.parse_args(argv)
     methods = args.methods.split(",")
     problems = [f"unknown method {m!r} (valid: {', '.join(METHODS)})" for m in methods
@@ -175,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rows = [bench_one(args.model, m, world, args.batch, args.length, args.precision, args.steps,
-                      args.warmup, args.fsdp) for m in methods]
+                      args.warmup, args.fsdp, args.profile) for m in methods]
     if world.is_main:
         record = {"kind": "bench-fsdp", "schema": records.SCHEMA, "rows": rows,
                   "world": world.describe(), "machine": records.machine(world.device),

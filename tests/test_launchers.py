@@ -1,5 +1,5 @@
 """Sweeps through Hydra's launcher plugins: launch=gpus runs a sweep's jobs side by side (the
-joblib launcher, each job a process of its own, job k on GPU k mod N)."""
+joblib launcher, each job a process of its own, on a GPU no other job holds)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from deltalora_repro.config import compose
 
@@ -30,9 +31,44 @@ def test_launch_gpus_composes_the_joblib_launcher_with_one_job_per_gpu(monkeypat
     assert compose("launch=gpus", hydra_node=True).hydra.launcher.n_jobs == 1
 
 
-def _sweep(tmp_path: Path, name: str, *extra: str) -> tuple[list[dict], str]:
+CLAIM = """
+import sys, time
+from pathlib import Path
+from deltalora_repro.config import claim_gpu
+got = claim_gpu(2, int(sys.argv[1]), Path(sys.argv[2]))
+assert claim_gpu(2, 1 - got, Path(sys.argv[2])) == got      # a process keeps its GPU
+print(got, time.monotonic(), flush=True)
+time.sleep(float(sys.argv[3]))
+"""
+
+
+def test_sweep_jobs_claim_a_free_gpu_each_and_wait_when_all_are_taken(tmp_path):
+    """Job numbers 0 and 2 both map to GPU 0 under `mod N`; with GPU 0 taken the second job gets
+    GPU 1. A third process, with both taken, waits until a holder ends (the OS frees its lock)."""
+    def start(preferred: int, hold: float):
+        return subprocess.Popen([sys.executable, "-c", CLAIM, str(preferred), str(tmp_path), str(hold)],
+                                stdout=subprocess.PIPE, text=True, env=child_env())
+
+    first = start(0, 3.0)
+    a = first.stdout.readline().split()
+    second = start(0, 0.0)                     # prefers GPU 0, which `first` holds
+    b = second.stdout.readline().split()
+    assert (a[0], b[0]) == ("0", "1")
+    assert second.wait(timeout=60) == 0        # ends at once: GPU 1 is free again
+    blocker = start(1, 4.0)                    # takes GPU 1 back
+    c = blocker.stdout.readline().split()
+    waiter = start(0, 0.0)                     # both taken: waits for GPU 0
+    d = waiter.stdout.readline().split()
+    assert c[0] == "1" and d[0] == "0"
+    assert first.wait(timeout=60) == 0 and waiter.wait(timeout=60) == 0 and blocker.wait(timeout=60) == 0
+    # The waiter got GPU 0 only once `first` (claimed at a[1], held 3 s) had ended.
+    assert float(d[1]) >= float(a[1]) + 3.0
+
+
+def _sweep(tmp_path: Path, name: str, *extra: str, device: str = "device=cpu",
+           seeds: str = "seed=0,1") -> tuple[list[dict], str]:
     out = tmp_path / name
-    cmd = [sys.executable, "-m", "deltalora_repro", "-m", *TINY, "device=cpu", "seed=0,1",
+    cmd = [sys.executable, "-m", "deltalora_repro", "-m", *TINY, *([device] if device else []), seeds,
            f"results_dir={out / 'results'}", f"hydra.sweep.dir={out / 'multirun'}", *extra]
     env = child_env(OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
@@ -51,6 +87,25 @@ def test_a_sweep_through_the_joblib_launcher_runs_its_jobs_side_by_side(tmp_path
     # The launcher changes where jobs run, not what they compute.
     for x, y in zip(side_by_side, one_by_one, strict=True):
         assert x["metrics"]["final"] == y["metrics"]["final"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+@needs_glue
+def test_a_sweep_on_two_gpus_never_puts_two_jobs_on_one_gpu(tmp_path):
+    """launch=gpus on a 2-GPU machine, 4 jobs: both GPUs are used, and on each GPU the jobs run
+    one after another (their started..finished spans do not overlap)."""
+    import datetime
+    records, log = _sweep(tmp_path, "gpus", "launch=gpus", device="", seeds="seed=0,1,2,3")
+    assert [r["status"] for r in records] == ["completed"] * 4
+    spans: dict[str, list] = {}
+    for r in records:
+        t = [datetime.datetime.strptime(r[k], "%Y-%m-%dT%H:%M:%S%z") for k in ("started_at", "finished_at")]
+        spans.setdefault(r["config"]["device"], []).append(t)
+    assert sorted(spans) == ["cuda:0", "cuda:1"], spans
+    for device, ts in spans.items():
+        ts.sort()
+        assert all(b[0] >= a[1] for a, b in zip(ts, ts[1:])), (device, ts)
 
 
 def test_launch_slurm_composes_submitit_with_requeue_and_resume_in_place():
@@ -121,14 +176,14 @@ def test_a_submitit_sweep_is_requeued_at_its_time_limit_and_resumes(tmp_path):
     before it; that delay is not a setting of Hydra's local launcher config): each job is
     stopped (checkpoint), requeued by submitit and resumed in its own folder until it completes;
     it ends with the same numbers as the same job run straight through."""
-    long = ["task.train_max_examples=96", "train.epochs=40", "train.checkpoint=true"]
+    long = ["task.train_max_examples=96", "train.epochs=400", "train.checkpoint=true"]
     requeued, log = _sweep(tmp_path, "submitit", *long, "launch=submitit-local",
                            "hydra.launcher.timeout_min=1", "hydra.launcher.gpus_per_node=0")
     straight, _ = _sweep(tmp_path, "basic", *long)
     finished = [r for r in requeued if r["status"] == "completed"]
     stopped = [r for r in requeued if r["status"] == "interrupted"]
     assert [r["seed"] for r in finished] == [0, 1]
-    # A job may finish inside its first 30 s on a fast machine; one stopped at least once must
+    # 400 epochs (4,800 steps) outlive the first 30 s on this machine; a job stopped at least once must
     # have resumed from its checkpoint, in its own folder.
     assert stopped and all(r["checkpoint"] for r in stopped)
     for r in finished:
