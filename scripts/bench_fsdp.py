@@ -103,9 +103,9 @@ def bench_one(model_name: str, method_name: str, world, batch: int, length: int,
     else:
         marks.append(time.perf_counter())
         times = [1000 * (b - a) for a, b in zip(marks, marks[1:])]
-    if profile is not None:
-        _profile(trainer, steps_batches[-3:], profile, method_name, world)
     peak = torch.cuda.max_memory_allocated(device) if cuda else None
+    if profile is not None:       # after the measurements: the profiler's steps count in neither
+        _profile(trainer, steps_batches[-3:], profile, method_name, world)
     peaks = world.gather(peak)
     medians = world.gather(statistics.median(times))
     row = {"model": model_name, "method": method_name, "fsdp": fsdp, "processes": world.size,
