@@ -44,9 +44,9 @@ def bench_config(model: str, method: str, batch: int, precision: str, fsdp: bool
                    f"train.fsdp={str(fsdp).lower()}", "method.lora_dropout=0.0", *delta)
 
 
-def bench_one(model_name: str, method_name: str, world, batch: int, length: int,
-              precision: str, steps: int, warmup: int, fsdp: bool,
-              profile: Path | None = None) -> dict:
+def _prepare(model_name: str, method_name: str, world, batch: int, length: int,
+             precision: str, total: int, fsdp: bool) -> dict:
+    """One method's model, sharded, with its Trainer and `total` steps of synthetic batches."""
     import torch
 
     from deltalora_repro import sharding
@@ -56,74 +56,124 @@ def bench_one(model_name: str, method_name: str, world, batch: int, length: int,
     from deltalora_repro.train import StepBatches, Trainer
     device = world.device
     cfg = bench_config(model_name, method_name, batch, precision, fsdp)
-    total = warmup + steps
     # Random init directly on the device: a 1B model initialised on the CPU takes minutes.
     with torch.device(device):
         net, tok, _ = load_backbone(cfg.model, "causal-lm", seed=cfg.seed)
         task = _SyntheticTask(net.config.vocab_size, classification=False, seq2seq=False)
         built = build(cfg, data=False, total_steps=total, task=task, model=(net, tok, {}))
     model, method = built.model.to(device), built.method
-    n_params = sum(p.numel() for p in model.parameters())
-    trainable = method.trainable_numel(model)
-    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+    prep = {"method_name": method_name, "method": method,
+            "params": sum(p.numel() for p in model.parameters()),
+            "trainable": method.trainable_numel(model),
+            "before": torch.cuda.memory_allocated(device) if device.type == "cuda" else None}
     if fsdp:
         sharding.shard(model, world)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    trainer = Trainer(model, method, task, cfg.train, world, cfg.seed, total)
-    trainer.start()
+    prep["trainer"] = Trainer(model, method, task, cfg.train, world, cfg.seed, total)
+    prep["trainer"].start()
     share = batch // world.size
     gen = torch.Generator().manual_seed(1000 + world.rank)       # each process its own rows
-    steps_batches = []
+    prep["steps"] = []
     for _ in range(total):
         step = StepBatches([task.batch([length] * share, gen)])
         step.weights = [1.0 / world.size]                      # its share of the global mean
-        steps_batches.append(step)
-    cuda = device.type == "cuda"
-    marks = []
-    for k, step in enumerate(steps_batches):
-        if k == warmup:
-            world.barrier()
-        if k >= warmup:
-            if cuda:
-                event = torch.cuda.Event(enable_timing=True)
-                event.record()
-                marks.append(event)
-            else:
-                marks.append(time.perf_counter())
-        trainer.train_step(step)
-    if cuda:
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        marks.append(event)
-        torch.cuda.synchronize(device)
-        times = [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
-    else:
-        marks.append(time.perf_counter())
-        times = [1000 * (b - a) for a, b in zip(marks, marks[1:])]
-    peak = torch.cuda.max_memory_allocated(device) if cuda else None
-    if profile is not None:       # after the measurements: the profiler's steps count in neither
-        _profile(trainer, steps_batches[-3:], profile, method_name, world)
+        prep["steps"].append(step)
+    return prep
+
+
+class _StepClock:
+    """Time of each step: CUDA events around it, read once at the end (no host synchronisation
+    between the timed steps); on the CPU, wall time."""
+
+    def __init__(self, device):
+        import torch
+        self.torch, self.cuda, self.device, self.spans = torch, device.type == "cuda", device, []
+
+    def mark(self):
+        if self.cuda:
+            event = self.torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def add(self, begin, end) -> None:
+        self.spans.append((begin, end))
+
+    def times_ms(self) -> list[float]:
+        if self.cuda:
+            self.torch.cuda.synchronize(self.device)
+            return [a.elapsed_time(b) for a, b in self.spans]
+        return [1000 * (b - a) for a, b in self.spans]
+
+
+def _row(prep: dict, model_name: str, world, batch: int, length: int, precision: str, steps: int,
+         warmup: int, fsdp: bool, times: list[float], peak, interleaved: bool) -> dict:
     peaks = world.gather(peak)
     medians = world.gather(statistics.median(times))
-    row = {"model": model_name, "method": method_name, "fsdp": fsdp, "processes": world.size,
-           "global_batch": batch, "length": length, "precision": precision,
-           "delta_update": getattr(method, "update_mode", None),
-           "params": n_params, "trainable": trainable, "steps": steps, "warmup": warmup,
-           # The slowest process sets the pace (every step ends in collectives).
-           "step_ms_median": max(medians), "step_ms_median_per_process": medians,
-           "step_ms_p10": statistics.quantiles(times, n=10)[0] if len(times) > 1 else times[0],
-           "step_ms_p90": statistics.quantiles(times, n=10)[-1] if len(times) > 1 else times[0],
-           "tokens_per_s": batch * length / (max(medians) / 1000),
-           "peak_memory_bytes_per_process": peaks,
-           "allocated_before_shard_bytes": before}
-    del trainer, model, method, built, net
+    return {"model": model_name, "method": prep["method_name"], "fsdp": fsdp,
+            "processes": world.size, "global_batch": batch, "length": length,
+            "precision": precision, "delta_update": getattr(prep["method"], "update_mode", None),
+            "params": prep["params"], "trainable": prep["trainable"], "steps": steps,
+            "warmup": warmup, "interleaved": interleaved,
+            # The slowest process sets the pace (every step ends in collectives).
+            "step_ms_median": max(medians), "step_ms_median_per_process": medians,
+            "step_ms_p10": statistics.quantiles(times, n=10)[0] if len(times) > 1 else times[0],
+            "step_ms_p90": statistics.quantiles(times, n=10)[-1] if len(times) > 1 else times[0],
+            "tokens_per_s": batch * length / (max(medians) / 1000),
+            "peak_memory_bytes_per_process": peaks,
+            "allocated_before_shard_bytes": prep["before"]}
+
+
+def bench_one(model_name: str, method_name: str, world, batch: int, length: int,
+              precision: str, steps: int, warmup: int, fsdp: bool,
+              profile: Path | None = None) -> dict:
+    """One method alone in the processes: its time per step and its peak memory."""
+    import torch
+    prep = _prepare(model_name, method_name, world, batch, length, precision, warmup + steps, fsdp)
+    trainer, clock = prep["trainer"], _StepClock(world.device)
+    for k, step in enumerate(prep["steps"]):
+        if k == warmup:
+            world.barrier()
+        begin = clock.mark() if k >= warmup else None
+        trainer.train_step(step)
+        if begin is not None:
+            clock.add(begin, clock.mark())
+    times = clock.times_ms()
+    cuda = world.device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated(world.device) if cuda else None
+    if profile is not None:       # after the measurements: the profiler's steps count in neither
+        _profile(trainer, prep["steps"][-3:], profile, method_name, world)
+    row = _row(prep, model_name, world, batch, length, precision, steps, warmup, fsdp, times, peak,
+               interleaved=False)
+    del trainer, prep
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
     return row
+
+
+def bench_interleaved(model_name: str, methods: list[str], world, batch: int, length: int,
+                      precision: str, steps: int, warmup: int, fsdp: bool) -> list[dict]:
+    """Every method's model at once, their steps taken in turn (A B A B ...): the same process
+    state and the same moment for each, so their time ratio is not that of a method measured
+    first against one measured second. No peak memory (all models are alive); that comes from
+    the default mode."""
+    preps = [_prepare(model_name, m, world, batch, length, precision, warmup + steps, fsdp)
+             for m in methods]
+    clocks = [_StepClock(world.device) for _ in preps]
+    for k in range(warmup + steps):
+        if k == warmup:
+            world.barrier()
+        for prep, clock in zip(preps, clocks):
+            begin = clock.mark() if k >= warmup else None
+            prep["trainer"].train_step(prep["steps"][k])
+            if begin is not None:
+                clock.add(begin, clock.mark())
+    return [_row(prep, model_name, world, batch, length, precision, steps, warmup, fsdp,
+                 clock.times_ms(), None, interleaved=True) for prep, clock in zip(preps, clocks)]
 
 
 def _profile(trainer, steps_batches: list, out: Path, method_name: str, world) -> None:
@@ -179,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the plain model (one process only): the unsharded baseline")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
     ap.add_argument("--name", default=None, help="record file name (default: a new run id)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="time the methods' steps in turn, all models alive (ratios free of the "
+                         "order they run in; no peak memory)")
     ap.add_argument("--profile", type=Path, default=None,
                     help="also profile three steps per method; operator tables go to this folder")
     args = ap.parse_args(argv)
@@ -205,8 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rows = [bench_one(args.model, m, world, args.batch, args.length, args.precision, args.steps,
-                      args.warmup, args.fsdp, args.profile) for m in methods]
+    if args.interleave:
+        rows = bench_interleaved(args.model, methods, world, args.batch, args.length,
+                                 args.precision, args.steps, args.warmup, args.fsdp)
+    else:
+        rows = [bench_one(args.model, m, world, args.batch, args.length, args.precision,
+                          args.steps, args.warmup, args.fsdp, args.profile) for m in methods]
     if world.is_main:
         record = {"kind": "bench-fsdp", "schema": records.SCHEMA, "rows": rows,
                   "world": world.describe(), "machine": records.machine(world.device),

@@ -39,6 +39,15 @@ def test_bench_fsdp_runs_on_two_cpu_processes(tmp_path):
         # (36,992), 2 layers, embeddings and LM head 2048x64 each, final norm 64: 336,192; rank-4
         # factors on q (4x64 + 64x4) and v (4x64 + 32x4): 896 a layer.
         assert r["trainable"] == 2 * 896 and r["params"] == 336_192 + r["trainable"]
+        assert r["interleaved"] is False
+    # --interleave: both models at once, steps in turn; times, no peak memory.
+    _torchrun(2, str(ROOT / "scripts" / "bench_fsdp.py"), "--model", "tiny-llama", "--device",
+              "cpu", "--steps", "2", "--warmup", "1", "--batch", "4", "--length", "16",
+              "--precision", "fp32", "--out", str(tmp_path), "--name", "turns", "--interleave")
+    turns = json.loads((tmp_path / "turns.json").read_text())["rows"]
+    assert [r["method"] for r in turns] == ["lora", "delta-lora"]
+    assert all(r["interleaved"] and r["step_ms_median"] > 0 for r in turns)
+    assert [r["trainable"] for r in turns] == [2 * 896, 2 * 896]
 
 
 def test_bench_fsdp_refuses_bad_arguments():
