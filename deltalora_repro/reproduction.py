@@ -410,6 +410,14 @@ def run_command(task: str, model: str, overrides: str, seed: int) -> list[str]:
     return commands
 
 
+def sweep_command(train: str, seeds: Sequence[int]) -> str:
+    """A one-run command as a sweep over `seeds` through the launch=gpus launcher."""
+    rest = train.partition("python -m deltalora_repro ")[2]
+    words = [w for w in rest.split() if not w.startswith("seed=")]
+    return " ".join(["python -m deltalora_repro -m launch=gpus", *words,
+                     "seed=" + ",".join(map(str, seeds))])
+
+
 def _overrides_with_method(overrides: str) -> str:
     """The overrides with the method an experiment config chooses, so the record path is known."""
     if "method=" in overrides:
@@ -538,6 +546,9 @@ def render_group(group: Group) -> list[str]:
             lines += [f"- {label}: seeds {', '.join(map(str, seeds))} missing. One run (seed "
                       f"{seeds[0]}; change `seed=` for the others):", "", "  ```",
                       *(f"  {c}" for c in commands), "  ```"]
+            if len(seeds) > 1:
+                lines += ["", "  Or every missing seed at once, one job per GPU of the machine:",
+                          "", "  ```", f"  {sweep_command(commands[0], seeds)}", "  ```"]
         lines += [""]
     elif (group.task, group.model) in EXPECTED:
         lines += ["### Missing", "", f"Nothing: every planned arm has seeds "

@@ -7,7 +7,9 @@ Exports the run (LoRA or Delta-LoRA, data-to-text task) into a temporary folder,
 pretrained model the run started from, wraps it with the adapter, decodes the first N test inputs
 with the run's decoding settings (the task's beam search) and compares with the first N rows of
 the run's predictions.jsonl. Prints one JSON object: exact matches, the adapter's size in bytes and
-the size of the W the method changed (float32 bytes; 0 for LoRA). Exit status 2 on bad input.
+the size of the W the method changed (float32 bytes; 0 for LoRA), with the machine, commit and
+versions that made it; `--out FILE` also writes it there (never over an existing file). Exit
+status 2 on bad input.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -69,14 +72,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", type=Path, required=True, help="the task's data folder")
     ap.add_argument("--n", type=int, default=100, help="test inputs to decode (default 100)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", type=Path, default=None, help="also write the result to this new file")
     args = ap.parse_args(argv)
     if args.n < 1:
         ap.error(f"--n must be >= 1, got {args.n}")
+    if args.out is not None and args.out.exists():
+        ap.error(f"--out {str(args.out)!r} exists; nothing is overwritten")
     try:
         result = check(args.run_dir, args.data_dir, args.n, args.device)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from deltalora_repro import records
+    result.update({"kind": "peft-export-check", "machine": records.machine(torch.device(args.device)),
+                   "git": records.git_state(), "versions": records.versions(),
+                   "command": " ".join(["python", "scripts/check_peft_export.py", *sys.argv[1:]]),
+                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    if args.out is not None:
+        records.write_json_atomic(args.out, result)
     print(json.dumps(result))
     return 0
 

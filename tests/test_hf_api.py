@@ -566,10 +566,13 @@ def test_check_peft_export_script_decodes_as_the_run_did(tiny_runs):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}          # this checkout's package
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_peft_export.py"),
                            record["output_dir"], "--data-dir", str(E2E), "--n", "3",
-                           "--device", "cpu"], capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=300)
+                           "--device", "cpu", "--out", str(tmp / "check.json")],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert json.loads((tmp / "check.json").read_text()) == result
+    assert result["kind"] == "peft-export-check" and result["git"]["commit"]
+    assert result["machine"]["device"] == "cpu"
     assert result["n"] == 3 and result["exact_match"] == 3, result
     # rank 4r = 16 (q and v slices, 2r each) on 2 c_attn of 64 inputs x 192 outputs, float32
     assert result["adapter_rank"] == 16
@@ -580,3 +583,8 @@ def test_check_peft_export_script_decodes_as_the_run_did(tiny_runs):
                           record["output_dir"], "--data-dir", str(tmp / "nowhere")],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert bad.returncode == 2 and "--data-dir" in bad.stderr
+    again = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_peft_export.py"),
+                            record["output_dir"], "--data-dir", str(E2E), "--out",
+                            str(tmp / "check.json")], capture_output=True, text=True, cwd=ROOT,
+                           env=env, timeout=300)
+    assert again.returncode == 2 and "exists; nothing is overwritten" in again.stderr

@@ -176,6 +176,8 @@ def test_missing_seeds_listed_with_commands(report):
     assert "- LoRA, lr 6e-4: seeds 1, 2 missing. One run (seed 1;" in report
     assert ("  python -m deltalora_repro experiment=table6/lora-lr train.lr=6e-4 model=smollm2-135m "
             "data_dir=../shared/data/e2e task.score=false seed=1") in report
+    assert ("  python -m deltalora_repro -m launch=gpus experiment=table6/lora-lr train.lr=6e-4 "
+            "model=smollm2-135m data_dir=../shared/data/e2e task.score=false seed=1,2") in report
     assert "- LoRA, α 96 (= α(1+λ)): seeds 0, 1, 2 missing." in report
     assert "- Fine-Tuning‡ (ft-qv): seeds 0, 1, 2 missing." in report
     assert ("  python -m deltalora_repro.score_run outputs/results/records/e2e/smollm2-135m/ft-qv/"
