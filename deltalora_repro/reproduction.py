@@ -593,27 +593,45 @@ def render(results_dir: Path, procedure: str = "paper") -> str:
     ]
     for group in groups:
         lines += render_group(group)
-    lines += figure3_lines(loaded)
+    lines += figure3_lines(loaded, results_dir)
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
 FIGURE3_METHODS = ("ft-qv", "lora", "delta-lora")
 
 
-def figure3_lines(loaded: tables.LoadedRecords) -> list[str]:
+def figure3_lines(loaded: tables.LoadedRecords, results_dir: Path) -> list[str]:
     lines = ["## Figure 3", "",
              "`make tables` draws it with `python -m deltalora_repro.figure3 --results results` into "
              "`results/figures/figure3_<task>__<model>.{csv,png}`, from completed runs whose saved "
              "weights file is present on the machine that draws it.", ""]
+    # Only the paper's arms (no control or learning-rate arm): Figure 3 compares the methods.
     saved = sorted((r["model"], r["method"], r["run_id"], r) for r in loaded.completed
-                   if r["task"] == "e2e" and r["method"] in FIGURE3_METHODS and r.get("weights"))
+                   if r["task"] == "e2e" and r["method"] in FIGURE3_METHODS and r.get("weights")
+                   and not tables.exclusion_reasons(r) and not arm_of(r).departures)
     if not saved:
-        return lines + ["E2E runs of ft-qv, LoRA or Delta-LoRA with saved weights in their records: "
-                        "none yet.", ""]
-    rows = [[model, method, f"`{run_id}`", "trial run" if tables.exclusion_reasons(r) else "protocol",
-             f"`{(r['weights'] or {}).get('path', '?')}`"] for model, method, run_id, r in saved]
-    return lines + ["E2E runs of ft-qv, LoRA or Delta-LoRA whose records name saved weights:", "",
-                    *_table(["model", "method", "run_id", "kind", "weights (as recorded)"], rows), ""]
+        return lines + ["E2E protocol runs of ft-qv, LoRA or Delta-LoRA with saved weights in their "
+                        "records: none yet.", ""]
+    rows = [[model, method, f"`{run_id}`", f"`{(r['weights'] or {}).get('path', '?')}`"]
+            for model, method, run_id, r in saved]
+    lines += ["E2E protocol runs of ft-qv, LoRA and Delta-LoRA whose records name saved weights:", "",
+              *_table(["model", "method", "run_id", "weights (as recorded)"], rows), ""]
+    for model in sorted({m for m, *_ in saved}):
+        stem = f"figure3_e2e__{model}"
+        if (results_dir / "figures" / f"{stem}.csv").is_file():
+            lines += [f"- {model}: drawn, `figures/{stem}.png`.", ""]
+            continue
+        have = {method for m, method, *_ in saved if m == model}
+        lacking = [m for m in FIGURE3_METHODS if m not in have]
+        lines += [f"- {model}: not drawn. It needs one run each of {', '.join(FIGURE3_METHODS)} "
+                  "with its weights on the machine that draws it"
+                  + (f"; no protocol run of {', '.join(lacking)} has saved weights" if lacking
+                     else "; the weights named above are not on this machine")
+                  + ". Where the runs' output folders are (weights are saved by default, "
+                  "`save_weights=true`):", "", "  ```",
+                  f"  python -m deltalora_repro.figure3 OUT_FT_QV OUT_LORA OUT_DELTA_LORA "
+                  f"--out results/figures/{stem}", "  ```", ""]
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -228,3 +228,16 @@ def test_cli_bad_input(tmp_path, capsys):
 def test_cli_writes_the_report(results, report, capsys):
     assert rep.main(["--results", str(results)]) == 0
     assert (results / "REPRODUCTION.md").read_text(encoding="utf-8") == report
+
+
+def test_figure3_lists_protocol_runs_of_the_paper_arms_and_says_what_it_lacks(report):
+    section = report.split("## Figure 3")[1]
+    for run_id in ("aaaa00", "aaaa11", "bbbb00", "bbbb02"):        # LoRA, Delta-LoRA at the paper's settings
+        assert f"`20260101-000000-{run_id}`" in section or f"`20260102-000000-{run_id}`" in section
+    # a trial run, Delta-LoRA at lambda 1, the control and the lr arm are not Figure 3's
+    for run_id in ("cccc00", "dddd00", "eeee00", "ffff00"):
+        assert run_id not in section
+    assert ("- smollm2-135m: not drawn. It needs one run each of ft-qv, lora, delta-lora with its "
+            "weights on the machine that draws it; no protocol run of ft-qv has saved weights.") in section
+    assert ("python -m deltalora_repro.figure3 OUT_FT_QV OUT_LORA OUT_DELTA_LORA --out "
+            "results/figures/figure3_e2e__smollm2-135m") in section
