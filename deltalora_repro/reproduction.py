@@ -543,8 +543,10 @@ def render_group(group: Group) -> list[str]:
     if lacking:
         lines += ["### Missing", ""]
         for label, seeds, commands in lacking:
-            lines += [f"- {label}: seeds {', '.join(map(str, seeds))} missing. One run (seed "
-                      f"{seeds[0]}; change `seed=` for the others):", "", "  ```",
+            how = (f"One run (seed {seeds[0]}; change `seed=` for the others):" if len(seeds) > 1
+                   else "The run:")
+            lines += [f"- {label}: seed{'s' if len(seeds) > 1 else ''} "
+                      f"{', '.join(map(str, seeds))} missing. {how}", "", "  ```",
                       *(f"  {c}" for c in commands), "  ```"]
             if len(seeds) > 1:
                 lines += ["", "  Or every missing seed at once, one job per GPU of the machine:",
