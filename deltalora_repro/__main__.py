@@ -106,6 +106,55 @@ def check_group_choices(argv: list[str], config_dir: Path = CONFIG_DIR) -> str |
     return None
 
 
+def check_experiment_sweep(argv: list[str], config_dir: Path = CONFIG_DIR) -> str | None:
+    """A message when a multirun sweeps over several experiment configs and sets a key of a group
+    (`task.score=false`) that the experiments choose but the command line does not name, and that
+    the group's default config lacks, or None.
+
+    Hydra composes a multirun's shared settings without the swept values, so such a key would
+    meet the default group instead and fail with a message about appending (`+task.score`)."""
+    if not {"-m", "--multirun"} & set(argv):
+        return None
+    values = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep:
+            values.setdefault(key.lstrip("+~"), value)
+    swept = values.get("experiment", "")
+    if "," not in swept and "(" not in swept:
+        return None
+    defaults_cfg = None
+    for arg in argv:
+        key = arg.partition("=")[0].lstrip("+~")
+        group = key.split(".", 1)[0]
+        if "." not in key or group not in ("model", "task", "method") or group in values:
+            continue
+        if defaults_cfg is None:
+            from omegaconf import OmegaConf
+
+            from .config import compose
+            defaults_cfg = OmegaConf.to_container(compose(), resolve=False)
+        node: Any = defaults_cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            continue                 # the default group has the key too: Hydra composes it
+        chosen = set()
+        for name in swept.split(","):
+            path = config_dir / "experiment" / f"{name}.yaml"
+            defaults = (yaml.safe_load(path.read_text()) or {}).get("defaults", []) \
+                if path.is_file() else []
+            chosen |= {v for d in defaults if isinstance(d, dict)
+                       for k, v in d.items() if k == f"override /{group}"}
+        hint = (f"add {group}={chosen.pop()}" if len(chosen) == 1 else
+                f"name the {group} (the experiments choose {', '.join(sorted(chosen))}; sweep "
+                f"them as separate commands)" if chosen else f"name the {group}")
+        return (f"{key}=... in a sweep over experiment={swept}: Hydra composes the sweep's shared "
+                f"settings without the swept experiments, so {key} would meet the default "
+                f"{group}; {hint}")
+    return None
+
+
 def _remove_unused_run_folder(hydra_dir: Path) -> None:
     """Hydra's run folder when it holds nothing but Hydra's own files (its .hydra folder and the
     log); a folder with anything else in it (a run's files) is never touched."""
@@ -190,7 +239,8 @@ def main(cfg: DictConfig) -> float | None:
 def entry() -> None:
     """The command line (`python -m deltalora_repro`, `deltalora train`): config names and keys
     are checked before Hydra composes anything (and before torch loads); Hydra reads sys.argv."""
-    problem = check_group_choices(sys.argv[1:]) or check_keys(sys.argv[1:])
+    problem = (check_group_choices(sys.argv[1:]) or check_keys(sys.argv[1:])
+               or check_experiment_sweep(sys.argv[1:]))
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)

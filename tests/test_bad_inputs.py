@@ -42,6 +42,8 @@ def _cases(fixtures: Path) -> dict[str, tuple[list[str], str]]:
     main = ["-m", "deltalora_repro"]
     return {
         "task typo": ([*main, "task=glue/rtx"], "did you mean task=glue/rte"),
+        "experiment sweep, task unnamed": ([*main, "-m", "experiment=table1/lora,table1/delta-lora",
+                                            "task.score=false"], "add task=e2e"),
         "experiment typo": ([*main, "experiment=table1/lorra"], "did you mean experiment=table1/lora"),
         "model typo": ([*main, "model=tiny-gtp2"], "did you mean model=tiny-gpt2"),
         "unknown method": ([*main, "method=nope"], "method=nope is not a config"),
@@ -156,3 +158,16 @@ def test_every_command_has_help_with_its_usage():
         for module, done in pool.map(one, COMMANDS):
             assert done.returncode == 0, (module, done.stderr[-500:])
             assert f"python -m {module}" in done.stdout, module
+
+
+def test_an_experiment_sweep_setting_a_key_its_default_group_lacks_is_refused():
+    """Hydra composes a multirun's shared settings without the swept experiment, so a task key
+    that only the experiments' task has fails there; one the default task (glue/rte) has too,
+    or a sweep that names the task, composes."""
+    from deltalora_repro.__main__ import check_experiment_sweep
+    sweep = ["-m", "experiment=table1/lora,controls/scaled-lora"]
+    assert "add task=e2e" in check_experiment_sweep([*sweep, "task.score=false"])
+    assert check_experiment_sweep([*sweep, "task=e2e", "task.score=false"]) is None
+    assert check_experiment_sweep([*sweep, "task.max_length=64"]) is None       # glue/rte has it
+    assert check_experiment_sweep(["experiment=table1/lora", "task.score=false"]) is None
+    assert check_experiment_sweep(["-m", "experiment=table1/lora", "task.score=false"]) is None
