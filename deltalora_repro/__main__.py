@@ -106,6 +106,9 @@ def check_group_choices(argv: list[str], config_dir: Path = CONFIG_DIR) -> str |
     return None
 
 
+_ABSENT = object()
+
+
 def check_experiment_sweep(argv: list[str], config_dir: Path = CONFIG_DIR) -> str | None:
     """A message when a multirun sweeps over several experiment configs and sets a key of a group
     (`task.score=false`) that the experiments choose but the command line does not name, and that
@@ -125,10 +128,12 @@ def check_experiment_sweep(argv: list[str], config_dir: Path = CONFIG_DIR) -> st
         return None
     defaults_cfg = None
     for arg in argv:
-        key = arg.partition("=")[0].lstrip("+~")
+        raw = arg.partition("=")[0]
+        key = raw.lstrip("+~")
         group = key.split(".", 1)[0]
-        if "." not in key or group not in ("model", "task", "method") or group in values:
-            continue
+        if raw.startswith("++") or "." not in key or group not in ("model", "task", "method") \
+                or group in values:
+            continue                 # `++key=`: adds or sets, so the shared composition takes it
         if defaults_cfg is None:
             from omegaconf import OmegaConf
 
@@ -136,9 +141,9 @@ def check_experiment_sweep(argv: list[str], config_dir: Path = CONFIG_DIR) -> st
             defaults_cfg = OmegaConf.to_container(compose(), resolve=False)
         node: Any = defaults_cfg
         for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is not None:
-            continue                 # the default group has the key too: Hydra composes it
+            node = node[part] if isinstance(node, dict) and part in node else _ABSENT
+        if node is not _ABSENT:
+            continue                 # the default group has the key too (even null): it composes
         chosen = set()
         for name in swept.split(","):
             path = config_dir / "experiment" / f"{name}.yaml"

@@ -42,8 +42,10 @@ def claim_gpu(count: int, preferred: int, lock_dir: Path, ids: list[str] | None 
     another idles. Instead each job process takes an exclusive lock (fcntl.flock, freed by the OS
     when the process ends, even killed) on the first free GPU, starting at `preferred`; the
     launcher's worker processes are reused, and one keeps its GPU for its next job. With every
-    GPU taken (another sweep on the same GPUs) it waits for the preferred one. `ids` name the
-    lock files (the GPUs' UUIDs: two sweeps with different CUDA_VISIBLE_DEVICES still meet)."""
+    GPU taken (more jobs at once than GPUs, hydra.launcher.n_jobs, or another sweep of this user
+    on the same GPUs) the job shares the preferred GPU, unlocked, and says so: never a wait on a
+    worker that holds its lock until the sweep ends. `ids` name the lock files (the GPUs' UUIDs:
+    sweeps with different CUDA_VISIBLE_DEVICES still meet)."""
     import fcntl
     import logging
     global _CLAIMED
@@ -51,8 +53,7 @@ def claim_gpu(count: int, preferred: int, lock_dir: Path, ids: list[str] | None 
         return _CLAIMED[0]
     ids = ids or [str(i) for i in range(count)]
     lock_dir.mkdir(parents=True, exist_ok=True)
-    order = [(preferred + k) % count for k in range(count)]
-    for i in order:
+    for i in [(preferred + k) % count for k in range(count)]:
         f = open(lock_dir / f"gpu-{ids[i]}.lock", "a")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -61,15 +62,14 @@ def claim_gpu(count: int, preferred: int, lock_dir: Path, ids: list[str] | None 
             continue
         _CLAIMED = (i, f)
         return i
-    logging.getLogger(__name__).warning("launch=gpus: all %d GPUs are taken (another sweep?); "
-                                        "waiting for GPU %d", count, preferred)
-    f = open(lock_dir / f"gpu-{ids[preferred]}.lock", "a")
-    fcntl.flock(f, fcntl.LOCK_EX)
-    _CLAIMED = (preferred, f)
+    logging.getLogger(__name__).warning(
+        "launch=gpus: all %d GPUs are held by other jobs (more jobs at once than GPUs, or another "
+        "sweep); this job shares GPU %d", count, preferred)
+    _CLAIMED = (preferred, None)
     return preferred
 
 
-_CLAIMED: tuple[int, Any] | None = None   # (GPU index, its open lock file) of this process
+_CLAIMED: tuple[int, Any] | None = None   # (GPU index, its open lock file or None) of this process
 
 
 def _job_device() -> str:

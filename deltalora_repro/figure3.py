@@ -104,18 +104,24 @@ def write(rows: list[dict], out: Path) -> list[Path]:
 
 
 def runs_with_weights(results_dir: Path) -> dict[tuple[str, str], list[Path]]:
-    """Completed runs whose saved weights still exist, by (task, model); the latest per method."""
-    found: dict[tuple[str, str], dict[str, tuple[str, Path]]] = {}
+    """Completed runs whose saved weights still exist, by (task, model); one per method: the
+    latest run at the paper's settings (a protocol run, no departing learning rate, alpha or
+    other method setting: reproduction.departures) if there is one, else the latest run."""
+    from .reproduction import departures
+    from .tables import exclusion_reasons
+    found: dict[tuple[str, str], dict[str, tuple[tuple[bool, str], Path]]] = {}
     # The tables' reader: the same records count, and a broken file is passed over (the tables
     # command names it) rather than stopping the figure.
     for record in scan_records(results_dir).completed:
         weights = Path((record.get("weights") or {}).get("path", ""))
         if not weights.is_file():
             continue
+        rank = (not exclusion_reasons(record) and not departures(record), record["run_id"])
         slot = found.setdefault((record["task"], record["model"]), {})
-        if record["method"] not in slot or slot[record["method"]][0] < record["run_id"]:
-            slot[record["method"]] = (record["run_id"], weights.parent)
-    return {key: [d for _, d in sorted(v.values())] for key, v in found.items()}
+        if record["method"] not in slot or slot[record["method"]][0] < rank:
+            slot[record["method"]] = (rank, weights.parent)
+    return {key: [d for _, d in sorted(v.values(), key=lambda x: x[0][1])]
+            for key, v in found.items()}
 
 
 def render_all(results_dir: Path) -> list[Path]:

@@ -625,12 +625,13 @@ def figure3_lines(loaded: tables.LoadedRecords, results_dir: Path) -> list[str]:
             continue
         have = {method for m, method, *_ in saved if m == model}
         lacking = [m for m in FIGURE3_METHODS if m not in have]
-        lines += [f"- {model}: not drawn. It needs one run each of {', '.join(FIGURE3_METHODS)} "
-                  "with its weights on the machine that draws it"
+        lines += [f"- {model}: not drawn (no `figures/{stem}.csv`). The paper's figure compares "
+                  f"one run each of {', '.join(FIGURE3_METHODS)}"
                   + (f"; no protocol run of {', '.join(lacking)} has saved weights" if lacking
-                     else "; the weights named above are not on this machine")
-                  + ". Where the runs' output folders are (weights are saved by default, "
-                  "`save_weights=true`):", "", "  ```",
+                     else "") + ". Weights stay on the machine that ran them (saved by default, "
+                  "`save_weights=true`); draw it there, from the runs' output folders "
+                  "(`--results` takes the latest run at the paper's settings of each method whose "
+                  "weights are present):", "", "  ```",
                   f"  python -m deltalora_repro.figure3 OUT_FT_QV OUT_LORA OUT_DELTA_LORA "
                   f"--out results/figures/{stem}", "  ```", ""]
     return lines

@@ -159,21 +159,27 @@ def bench_interleaved(model_name: str, methods: list[str], world, batch: int, le
                       precision: str, steps: int, warmup: int, fsdp: bool) -> list[dict]:
     """Every method's model at once, their steps taken in turn (A B A B ...): the same process
     state and the same moment for each, so their time ratio is not that of a method measured
-    first against one measured second. No peak memory (all models are alive); that comes from
-    the default mode."""
+    first against one measured second; the order within a turn alternates (A B, B A, ...). No
+    memory figures (all models are alive); those come from the default mode."""
     preps = [_prepare(model_name, m, world, batch, length, precision, warmup + steps, fsdp)
              for m in methods]
     clocks = [_StepClock(world.device) for _ in preps]
+    turns = list(zip(preps, clocks))
     for k in range(warmup + steps):
         if k == warmup:
             world.barrier()
-        for prep, clock in zip(preps, clocks):
+        # A B, then B A: no method always runs right after another one.
+        for prep, clock in (turns if k % 2 == 0 else turns[::-1]):
             begin = clock.mark() if k >= warmup else None
             prep["trainer"].train_step(prep["steps"][k])
             if begin is not None:
                 clock.add(begin, clock.mark())
-    return [_row(prep, model_name, world, batch, length, precision, steps, warmup, fsdp,
-                 clock.times_ms(), None, interleaved=True) for prep, clock in zip(preps, clocks)]
+    rows = []
+    for prep, clock in turns:
+        prep["before"] = None     # measured with the other models already on the device
+        rows.append(_row(prep, model_name, world, batch, length, precision, steps, warmup, fsdp,
+                         clock.times_ms(), None, interleaved=True))
+    return rows
 
 
 def _profile(trainer, steps_batches: list, out: Path, method_name: str, world) -> None:
@@ -243,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
             problems.append(f"--{key} must be positive")
     if args.warmup < 0:
         problems.append("--warmup must be >= 0")
+    if args.interleave and args.profile is not None:
+        problems.append("--profile profiles one method at a time: leave out --interleave")
     if problems:
         print("error: " + "; ".join(problems), file=sys.stderr)
         return 2

@@ -86,11 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     from deltalora_repro import records
     result.update({"kind": "peft-export-check", "machine": records.machine(torch.device(args.device)),
                    "git": records.git_state(), "versions": records.versions(),
-                   "command": " ".join(["python", "scripts/check_peft_export.py", *sys.argv[1:]]),
+                   "command": " ".join(["python", "scripts/check_peft_export.py",
+                                        *(sys.argv[1:] if argv is None else argv)]),
                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    print(json.dumps(result))                 # first: a failed write must not lose the result
     if args.out is not None:
         records.write_json_atomic(args.out, result)
-    print(json.dumps(result))
     return 0
 
 

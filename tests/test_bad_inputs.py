@@ -169,5 +169,7 @@ def test_an_experiment_sweep_setting_a_key_its_default_group_lacks_is_refused():
     assert "add task=e2e" in check_experiment_sweep([*sweep, "task.score=false"])
     assert check_experiment_sweep([*sweep, "task=e2e", "task.score=false"]) is None
     assert check_experiment_sweep([*sweep, "task.max_length=64"]) is None       # glue/rte has it
+    assert check_experiment_sweep([*sweep, "task.train_max_examples=96"]) is None  # null there
+    assert check_experiment_sweep([*sweep, "++task.score=false"]) is None       # adds if absent
     assert check_experiment_sweep(["experiment=table1/lora", "task.score=false"]) is None
     assert check_experiment_sweep(["-m", "experiment=table1/lora", "task.score=false"]) is None

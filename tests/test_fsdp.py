@@ -48,6 +48,7 @@ def test_bench_fsdp_runs_on_two_cpu_processes(tmp_path):
     assert [r["method"] for r in turns] == ["lora", "delta-lora"]
     assert all(r["interleaved"] and r["step_ms_median"] > 0 for r in turns)
     assert [r["trainable"] for r in turns] == [2 * 896, 2 * 896]
+    assert [r["allocated_before_shard_bytes"] for r in turns] == [None, None]
 
 
 def test_bench_fsdp_refuses_bad_arguments():
@@ -57,6 +58,9 @@ def test_bench_fsdp_refuses_bad_arguments():
     assert done.returncode == 2
     assert "unknown method 'ft' (valid: lora, delta-lora)" in done.stderr
     assert "--batch must be positive" in done.stderr
+    both = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_fsdp.py"), "--interleave",
+                           "--profile", "p"], env=_env(), capture_output=True, text=True, timeout=120)
+    assert both.returncode == 2 and "leave out --interleave" in both.stderr
 
 
 if __name__ == "__main__":                 # the torchrun worker imports the package from here

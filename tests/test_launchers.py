@@ -32,37 +32,41 @@ def test_launch_gpus_composes_the_joblib_launcher_with_one_job_per_gpu(monkeypat
 
 
 CLAIM = """
-import sys, time
+import logging, sys
 from pathlib import Path
 from deltalora_repro.config import claim_gpu
+logging.basicConfig(level=logging.WARNING)
 got = claim_gpu(2, int(sys.argv[1]), Path(sys.argv[2]))
 assert claim_gpu(2, 1 - got, Path(sys.argv[2])) == got      # a process keeps its GPU
-print(got, time.monotonic(), flush=True)
-time.sleep(float(sys.argv[3]))
+print(got, flush=True)
+sys.stdin.readline()                                           # hold it until told
 """
 
 
-def test_sweep_jobs_claim_a_free_gpu_each_and_wait_when_all_are_taken(tmp_path):
-    """Job numbers 0 and 2 both map to GPU 0 under `mod N`; with GPU 0 taken the second job gets
-    GPU 1. A third process, with both taken, waits until a holder ends (the OS frees its lock)."""
-    def start(preferred: int, hold: float):
-        return subprocess.Popen([sys.executable, "-c", CLAIM, str(preferred), str(tmp_path), str(hold)],
-                                stdout=subprocess.PIPE, text=True, env=child_env())
+def test_sweep_jobs_claim_a_free_gpu_each_and_share_only_when_all_are_held(tmp_path):
+    """Job numbers 0 and 2 both map to GPU 0 under `mod N`; with GPU 0 held the second job gets
+    GPU 1. With both held a third shares its preferred GPU and says so (no wait). A holder that
+    ends frees its GPU for the next job."""
+    def start(preferred: int):
+        proc = subprocess.Popen([sys.executable, "-c", CLAIM, str(preferred), str(tmp_path)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=child_env())
+        return proc, int(proc.stdout.readline())
 
-    first = start(0, 3.0)
-    a = first.stdout.readline().split()
-    second = start(0, 0.0)                     # prefers GPU 0, which `first` holds
-    b = second.stdout.readline().split()
-    assert (a[0], b[0]) == ("0", "1")
-    assert second.wait(timeout=60) == 0        # ends at once: GPU 1 is free again
-    blocker = start(1, 4.0)                    # takes GPU 1 back
-    c = blocker.stdout.readline().split()
-    waiter = start(0, 0.0)                     # both taken: waits for GPU 0
-    d = waiter.stdout.readline().split()
-    assert c[0] == "1" and d[0] == "0"
-    assert first.wait(timeout=60) == 0 and waiter.wait(timeout=60) == 0 and blocker.wait(timeout=60) == 0
-    # The waiter got GPU 0 only once `first` (claimed at a[1], held 3 s) had ended.
-    assert float(d[1]) >= float(a[1]) + 3.0
+    def end(proc) -> str:
+        _, err = proc.communicate("\n", timeout=60)
+        assert proc.returncode == 0, err
+        return err
+
+    first, a = start(0)
+    second, b = start(0)                    # prefers GPU 0, which `first` holds
+    assert (a, b) == (0, 1)
+    third, c = start(0)                     # both held
+    assert c == 0 and "all 2 GPUs are held by other jobs" in end(third)
+    assert "held" not in end(first)
+    fourth, d = start(1)                    # GPU 1 still held, GPU 0 free again
+    assert d == 0
+    end(second), end(fourth)
 
 
 def _sweep(tmp_path: Path, name: str, *extra: str, device: str = "device=cpu",

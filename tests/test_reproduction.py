@@ -237,7 +237,31 @@ def test_figure3_lists_protocol_runs_of_the_paper_arms_and_says_what_it_lacks(re
     # a trial run, Delta-LoRA at lambda 1, the control and the lr arm are not Figure 3's
     for run_id in ("cccc00", "dddd00", "eeee00", "ffff00"):
         assert run_id not in section
-    assert ("- smollm2-135m: not drawn. It needs one run each of ft-qv, lora, delta-lora with its "
-            "weights on the machine that draws it; no protocol run of ft-qv has saved weights.") in section
+    assert ("- smollm2-135m: not drawn (no `figures/figure3_e2e__smollm2-135m.csv`). The paper's "
+            "figure compares one run each of ft-qv, lora, delta-lora; no protocol run of ft-qv has "
+            "saved weights.") in section
     assert ("python -m deltalora_repro.figure3 OUT_FT_QV OUT_LORA OUT_DELTA_LORA --out "
             "results/figures/figure3_e2e__smollm2-135m") in section
+
+
+def test_figure3_takes_the_latest_run_at_the_papers_settings_of_each_method(tmp_path):
+    """figure3 --results: of LoRA runs with weights present, the latest protocol run at the paper's
+    settings, not a newer trial run or a newer run at another alpha; without such a run, the
+    latest of the others."""
+    from deltalora_repro.figure3 import runs_with_weights
+    root = tmp_path / "results"
+    _write(root, "lora", 0, "20260101-000000-aaaa00", 0.68)                       # protocol
+    _write(root, "lora", 1, "20260105-000000-aaaa01", 0.10, train_overrides={"epochs": 1})
+    _write(root, "lora", 2, "20260106-000000-aaaa02", 0.69, method_overrides={"alpha": 96})
+    _write(root, "delta-lora", 0, "20260103-000000-bbbb00", 0.10, train_overrides={"epochs": 1})
+    _write(root, "delta-lora", 1, "20260104-000000-bbbb01", 0.60, method_overrides={"update_ratio": 1})
+    for path in (root / "records").rglob("*.json"):
+        record = json.loads(path.read_text())
+        weights = tmp_path / "runs" / record["run_id"] / "weights.safetensors"
+        weights.parent.mkdir(parents=True)
+        weights.write_bytes(b"x")
+        record["weights"] = {"path": str(weights)}
+        path.write_text(json.dumps(record))
+    chosen = [d.name for d in runs_with_weights(root)[("e2e", "smollm2-135m")]]
+    # LoRA: the protocol run (oldest); Delta-LoRA has none, so its latest run.
+    assert chosen == ["20260101-000000-aaaa00", "20260104-000000-bbbb01"]
