@@ -146,39 +146,35 @@ class LoRALayer(nn.Module):
         return out
 
     def _deferred_factors(self, i: int, a, b, scaling: float):
-        """Rank-2r factors whose product is W_t - W + s B A under the deferred update.
+        """Factors whose product is W_t - W + s B A under the deferred update.
 
         Delta-LoRA's updates telescope: after step t >= K, W_t = W_K + lambda s (B_t A_t - B_K A_K),
-        so the forward's weight W_t + s B_t A_t equals W_K + s (1 + lambda) B_t A_t -
-        lambda s B_K A_K, with (A_K, B_K) the factors after step K (the prev_A/prev_B buffers).
-        With c = 1 + lambda that is W_K + s c [B_t, -(lambda / c) B_K] [A_t; A_K]: one rank-2r
-        branch, so W is never written during training. The factors' gradients must stay those of
-        s B_t A_t alone (dL/dW_t does not reach them, Algorithm 1), hence the 1 / c on their
-        backward; the input's gradient sees the whole weight, as with an updated W.
+        so the forward's weight W_t + s B_t A_t equals W_K + s (B_t A_t + lambda B_t A_t -
+        lambda B_K A_K), with (A_K, B_K) the factors after step K (the prev_A/prev_B buffers):
+        s [B_t, lambda B_t, -lambda B_K] [A_t; A_t; A_K], one rank-3r branch, so W is never
+        written during training. The factors' gradients must stay those of s B_t A_t alone
+        (dL/dW_t does not reach them, Algorithm 1): the middle block is detached, so only the
+        first carries them; the input's gradient sees the whole weight, as with an updated W.
+        Plain tensor operations, no autograd function: under eager FSDP the step is bound by
+        host work, and a Python backward per factor costs more there than the wider branch.
+
+        The scaled-LoRA control (deferred_grad_rescale False) keeps the factors' gradients of
+        the branch as it is, s (1 + lambda) B_t A_t: [B_t, -(lambda / c) B_K] [A_t; A_K] at
+        scale s c, c = 1 + lambda, rank 2r.
         """
         c = self.deferred_coef
-        if self.deferred_grad_rescale:
-            a, b = _ScaleGrad.apply(a, 1.0 / c), _ScaleGrad.apply(b, 1.0 / c)
-        a = torch.cat([a, getattr(self, f"prev_A{i}")], 0)
-        b = torch.cat([b, getattr(self, f"prev_B{i}") * ((1.0 - c) / c)], 1)
-        return a, b, scaling * c
+        lam = c - 1.0
+        prev_a, prev_b = getattr(self, f"prev_A{i}"), getattr(self, f"prev_B{i}")
+        if not self.deferred_grad_rescale:
+            return (torch.cat([a, prev_a], 0), torch.cat([b, prev_b * (-lam / c)], 1),
+                    scaling * c)
+        a = torch.cat([a, a.detach(), prev_a], 0)
+        b = torch.cat([b, b.detach() * lam, prev_b * (-lam)], 1)
+        return a, b, scaling
 
     def merged_weight_delta(self, i: int) -> torch.Tensor:
         """s * B A for slice i in (out, in) orientation, at full rank."""
         return self.scaling * (self.lora_B[i] @ self.lora_A[i])
-
-
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; the gradient times a constant on the way back."""
-
-    @staticmethod
-    def forward(ctx, t: torch.Tensor, factor: float) -> torch.Tensor:
-        ctx.factor = factor
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad * ctx.factor, None
 
 
 def inject_lora(model: nn.Module, rank: int, alpha: float, dropout: float) -> list[tuple[LoRALayer, int, Site]]:

@@ -355,18 +355,22 @@ def test_scaled_lora_computes_delta_loras_function_with_gradients_1_plus_lambda_
         layer.register_buffer("prev_B0", B_K.clone())
         layer.deferred_coef = 1 + lam
         layer.deferred_grad_rescale = rescale
-        out = layer(x)
+        xi = x.clone().requires_grad_(True)
+        out = layer(xi)
         (out * g).sum().backward()
-        layers[name] = (out.detach(), layer.lora_A[0].grad, layer.lora_B[0].grad)
-    by_hand = base(x) + x @ (s * (1 + lam) * B @ A - lam * s * B_K @ A_K).t()
+        layers[name] = (out.detach(), layer.lora_A[0].grad, layer.lora_B[0].grad, xi.grad)
+    weight = base.weight + s * (1 + lam) * B @ A - lam * s * B_K @ A_K
+    by_hand = base(x) + x @ (weight - base.weight).t()
     for name in layers:
         torch.testing.assert_close(layers[name][0], by_hand.detach(), rtol=1e-5, atol=1e-5)
+        # The input's gradient sees the whole weight W_t + s B A: g W.
+        torch.testing.assert_close(layers[name][3], (g @ weight).detach(), rtol=1e-5, atol=1e-5)
     # d/dA of sum(g * (s B A x)) = s B^T g^T x; d/dB = s g^T x A^T (the gradients of s B A alone).
     grad_a, grad_b = s * B.t() @ g.t() @ x, s * g.t() @ x @ A.t()
     torch.testing.assert_close(layers["delta"][1], grad_a, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layers["delta"][2], grad_b, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(layers["scaled"][1], (1 + lam) * layers["delta"][1], rtol=1e-6, atol=0)
-    torch.testing.assert_close(layers["scaled"][2], (1 + lam) * layers["delta"][2], rtol=1e-6, atol=0)
+    torch.testing.assert_close(layers["scaled"][1], (1 + lam) * layers["delta"][1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layers["scaled"][2], (1 + lam) * layers["delta"][2], rtol=1e-5, atol=1e-6)
 
 
 def test_scaled_lora_runs_deferred_and_refuses_explicit_or_dropout(tmp_path):
