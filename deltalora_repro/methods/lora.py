@@ -65,7 +65,7 @@ class DeltaLoRAMethod(LoRA):
 
     def resolve_update(self, fast) -> str:
         """method.update: explicit writes W after every step (Algorithm 1 as printed); deferred
-        carries the telescoped sum in the rank-2r branch and writes W once at the end (same
+        carries the telescoped sum in the rank-3r branch and writes W once at the end (same
         function, no W traffic: adapters.LoRALayer._deferred_factors); auto = deferred when the
         transformer blocks are compiled (train.compile=blocks fuses the sum's few extra small ops)
         and the branch has no dropout, explicit otherwise."""
