@@ -13,7 +13,9 @@ everywhere, so regenerating it without new records changes nothing but that comm
 from __future__ import annotations
 
 import argparse
+import datetime
 import math
+import re
 import statistics
 import sys
 from collections.abc import Sequence
@@ -239,6 +241,69 @@ class Group:
     unscored: list[Record]
     comparisons: list[Comparison]
     skipped: list[Record] = field(default_factory=list)  # runs that did not complete
+    neighbours: dict[str, list["Neighbour"]] = field(default_factory=dict)  # run_id -> overlaps
+
+
+# ---------------------------------------------------------------------------------------------
+# Which runs shared a GPU: inferred from the records' hosts, devices and start and end times
+@dataclass(frozen=True)
+class Neighbour:
+    run_id: str
+    same_gpu: bool | None   # True: both records name the same GPU; None: one names none
+    seconds: float          # how long the two runs overlapped
+
+
+def _when(value: Any) -> datetime.datetime | None:
+    try:
+        return datetime.datetime.strptime(str(value), "%Y-%m-%dT%H:%M:%S%z")
+    except ValueError:
+        return None
+
+
+def _gpu(record: Record) -> str | None:
+    """The one GPU a run used ("cuda:1"), or None when its record does not say: runs before
+    launch=gpus recorded `device: auto`, and a run of several processes uses several."""
+    world = record.get("world") or {}
+    if (world.get("size") or 1) > 1:
+        return None
+    device = world.get("device") or (record.get("config") or {}).get("device")
+    return device if isinstance(device, str) and re.fullmatch(r"cuda:\d+", device) else None
+
+
+def gpu_neighbours(records: Sequence[Record]) -> dict[str, list[Neighbour]]:
+    """For each GPU run, the other runs among `records` that ran on the same host (hostname and
+    GPU model) at the same time, on the same GPU or on one their records do not name. Two runs on
+    one GPU each take longer than alone, so their times do not measure the method. What left no
+    record here (a test suite, another user's job) is not seen."""
+    spans = []
+    for r in records:
+        machine = r.get("machine") or {}
+        start, end = _when(r.get("started_at")), _when(r.get("finished_at"))
+        if machine.get("device") != "cuda" or start is None or end is None or "run_id" not in r:
+            continue
+        spans.append((r["run_id"], (machine.get("hostname"), machine.get("device_name")),
+                      _gpu(r), start, end))
+    out: dict[str, list[Neighbour]] = {}
+    for run_id, host, gpu, start, end in spans:
+        found = []
+        for other_id, other_host, other_gpu, other_start, other_end in spans:
+            overlap = (min(end, other_end) - max(start, other_start)).total_seconds()
+            if other_id == run_id or other_host != host or overlap <= 0:
+                continue
+            if gpu is not None and other_gpu is not None and gpu != other_gpu:
+                continue
+            same = True if gpu is not None and other_gpu is not None else None
+            found.append(Neighbour(other_id, same, overlap))
+        if found:
+            out[run_id] = sorted(found, key=lambda n: n.run_id)
+    return out
+
+
+def _neighbours_text(found: Sequence[Neighbour]) -> str:
+    if not found:
+        return "none found"
+    return "; ".join(f"`{n.run_id}` ({'same GPU' if n.same_gpu else 'GPU not recorded'}, "
+                     f"{n.seconds:.0f} s)" for n in found)
 
 
 def build_groups(loaded: tables.LoadedRecords, procedure: str) -> list[Group]:
@@ -249,6 +314,8 @@ def build_groups(loaded: tables.LoadedRecords, procedure: str) -> list[Group]:
     not_completed: dict[tuple[str, str], list[Record]] = {}
     for r in loaded.skipped:
         not_completed.setdefault((r.get("task"), r.get("model")), []).append(r)
+    # Every record counts as a GPU user here, trial and failed runs included.
+    neighbours = gpu_neighbours([*loaded.completed, *loaded.skipped])
     groups = []
     for task, model in sorted(set(by_group) | set(EXPECTED)):
         found = task_columns(task)
@@ -279,7 +346,7 @@ def build_groups(loaded: tables.LoadedRecords, procedure: str) -> list[Group]:
         ordered = [arms[a] for a in sorted(arms, key=lambda a: (a.order, a.method, arm_label(a, task)))]
         skipped = sorted(not_completed.get((task, model), []), key=lambda r: str(r.get("run_id")))
         groups.append(Group(task, model, ordered, spec, columns, excluded, unscored,
-                            _comparisons(ordered, columns), skipped))
+                            _comparisons(ordered, columns), skipped, neighbours))
     return groups
 
 
@@ -515,8 +582,11 @@ def render_group(group: Group) -> list[str]:
             lines += [""]
 
         lines += ["### Cost per run", "",
-                  "Times as the record holds them; whether another run shared the GPU is not "
-                  "recorded in the run records.", ""]
+                  "Times as the record holds them. A run that shared its GPU took longer than it "
+                  "would alone. The last column names the runs among these records that ran on the "
+                  "same host at the same time, on the same GPU or on one a record does not name "
+                  "(runs before `launch=gpus` recorded `device: auto`), and for how long; a GPU "
+                  "user that left no record here (a test suite, another job) is not seen.", ""]
         rows = []
         for a in arms:
             for seed, r in sorted(a.runs.items()):
@@ -524,8 +594,10 @@ def render_group(group: Group) -> list[str]:
                     (r.get("machine") or {}).get("device", "?")
                 rows.append([a.label, str(seed), _seconds(r.get("train_time_s")),
                              _seconds(r.get("test_time_s")), str(device), f"`{_commit(r)}`",
-                             f"`{r['run_id']}`"])
-        lines += _table(["arm", "seed", "train s", "decode (test) s", "GPU", "commit", "run_id"], rows)
+                             f"`{r['run_id']}`",
+                             _neighbours_text(group.neighbours.get(r["run_id"], []))])
+        lines += _table(["arm", "seed", "train s", "decode (test) s", "GPU", "commit", "run_id",
+                         "ran beside (same host, same time)"], rows)
         lines += [""]
 
     if group.unscored:

@@ -265,3 +265,53 @@ def test_figure3_takes_the_latest_run_at_the_papers_settings_of_each_method(tmp_
     chosen = [d.name for d in runs_with_weights(root)[("e2e", "smollm2-135m")]]
     # LoRA: the protocol run (oldest); Delta-LoRA has none, so its latest run.
     assert chosen == ["20260101-000000-aaaa00", "20260104-000000-bbbb01"]
+
+
+def _span(run_id: str, start: str, end: str, device: str | None, host: str = "node1",
+          kind: str = "cuda", size: int = 1) -> dict:
+    return {"run_id": run_id, "started_at": f"2026-01-01T{start}+0000",
+            "finished_at": f"2026-01-01T{end}+0000", "config": {"device": device or "auto"},
+            "world": {"size": size, "device": device},
+            "machine": {"hostname": host, "device": kind, "device_name": "GPU X"}}
+
+
+def test_gpu_neighbours_from_hosts_devices_and_times():
+    records = [
+        _span("a", "10:00:00", "10:10:00", "cuda:0"),
+        _span("b", "10:05:00", "10:20:00", "cuda:0"),      # a and b: 10:05-10:10 on one GPU
+        _span("c", "10:00:00", "10:30:00", "cuda:1"),      # beside both, on the other GPU
+        _span("d", "10:09:00", "10:11:00", None),          # device auto: GPU not recorded
+        _span("e", "10:00:00", "10:30:00", "cuda:0", host="node2"),   # another host
+        _span("f", "10:00:00", "10:30:00", None, kind="cpu"),         # no GPU
+        _span("g", "10:10:00", "10:15:00", "cuda:0"),      # starts as a ends: no overlap with a
+        _span("h", "10:19:00", "10:25:00", "cuda:1", size=2),         # 2 processes: GPUs unknown
+    ]
+    found = rep.gpu_neighbours(records)
+    as_tuples = {k: [(n.run_id, n.same_gpu, n.seconds) for n in v] for k, v in found.items()}
+    assert as_tuples["a"] == [("b", True, 300.0), ("d", None, 60.0)]
+    assert as_tuples["b"] == [("a", True, 300.0), ("d", None, 120.0), ("g", True, 300.0),
+                              ("h", None, 60.0)]
+    assert as_tuples["c"] == [("d", None, 120.0), ("h", None, 360.0)]
+    assert as_tuples["d"] == [("a", None, 60.0), ("b", None, 120.0), ("c", None, 120.0),
+                              ("g", None, 60.0)]
+    assert "e" not in found and "f" not in found
+    assert rep._neighbours_text(found["a"]) == "`b` (same GPU, 300 s); `d` (GPU not recorded, 60 s)"
+    assert rep._neighbours_text([]) == "none found"
+
+
+def test_cost_table_names_runs_that_shared_the_gpu(tmp_path):
+    for run_id, seed, device, start, end in (("20260101-000000-aaaa00", 0, "cuda:0", "10:00:00", "10:05:00"),
+                                             ("20260101-000000-aaaa01", 1, "cuda:1", "10:00:00", "10:08:00"),
+                                             ("20260101-000000-aaaa02", 2, "cuda:1", "10:01:00", "10:08:30")):
+        _write(tmp_path, "lora", seed, run_id, 0.68)
+        path = tmp_path / "records/e2e/smollm2-135m/lora" / f"{run_id}.json"
+        record = json.loads(path.read_text())
+        record.update(_span(run_id, start, end, device))
+        record["machine"]["device_name"] = "NVIDIA H200"
+        path.write_text(json.dumps(record))
+    text = rep.render(tmp_path)
+    assert "| run_id | ran beside (same host, same time) |" in text
+    assert "`20260101-000000-aaaa00` | none found |" in text
+    # seeds 1 and 2 overlapped from 10:01:00 to 10:08:00 on cuda:1: 420 s.
+    assert "`20260101-000000-aaaa01` | `20260101-000000-aaaa02` (same GPU, 420 s) |" in text
+    assert "`20260101-000000-aaaa02` | `20260101-000000-aaaa01` (same GPU, 420 s) |" in text
