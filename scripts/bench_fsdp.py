@@ -1,7 +1,8 @@
 """Sharded training step (train.fsdp): peak memory per GPU and time per optimizer step.
 
     torchrun --nproc_per_node 2 scripts/bench_fsdp.py --model llama-1b --methods lora,delta-lora \
-        --batch 8 --length 512 --steps 20 --warmup 5
+        --batch 8 --length 512 --steps 20 --warmup 5                # peak memory (and times)
+    torchrun --nproc_per_node 2 scripts/bench_fsdp.py ... --steps 40 --interleave   # time ratios
     torchrun --nproc_per_node 1 scripts/bench_fsdp.py ...            # one GPU, still sharded (1 way)
     torchrun --nproc_per_node 1 scripts/bench_fsdp.py --no-fsdp ...  # one GPU, the plain model
 
@@ -16,6 +17,11 @@ steps; on the CPU, wall time). Peak memory is torch.cuda.max_memory_allocated in
 from after sharding (the unsharded model each process builds first is not counted; its size is
 reported as `allocated_before_shard_bytes`). Writes one JSON record (machine, commit, versions,
 command) to --out and prints a Markdown table.
+
+Without --interleave the methods run one after another in the same processes, and on the eager,
+host-bound sharded step the one measured second was the slower whichever it was (by up to 35% on
+2 x H200): use that mode for memory, and --interleave (every method's model alive, steps taken in
+turn, A B then B A) for the time ratio.
 """
 from __future__ import annotations
 
@@ -270,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = bench_interleaved(args.model, methods, world, args.batch, args.length,
                                  args.precision, args.steps, args.warmup, args.fsdp)
     else:
+        if len(methods) > 1 and world.is_main:
+            print("note: the methods run one after another in the same processes; their time "
+                  "ratio depends on that order (--interleave measures it; this mode is for peak "
+                  "memory)", file=sys.stderr)
         rows = [bench_one(args.model, m, world, args.batch, args.length, args.precision,
                           args.steps, args.warmup, args.fsdp, args.profile) for m in methods]
     if world.is_main:

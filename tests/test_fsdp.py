@@ -23,9 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_bench_fsdp_runs_on_two_cpu_processes(tmp_path):
     """scripts/bench_fsdp.py (made for 2 GPUs and llama-1b) on tiny-llama, 2 gloo processes."""
-    _torchrun(2, str(ROOT / "scripts" / "bench_fsdp.py"), "--model", "tiny-llama", "--device",
-              "cpu", "--steps", "2", "--warmup", "1", "--batch", "4", "--length", "16",
-              "--precision", "fp32", "--out", str(tmp_path), "--name", "bench")
+    done = _torchrun(2, str(ROOT / "scripts" / "bench_fsdp.py"), "--model", "tiny-llama",
+                     "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch", "4",
+                     "--length", "16", "--precision", "fp32", "--out", str(tmp_path), "--name",
+                     "bench")
+    # Two methods one after the other: said once (main process) that their time ratio is biased.
+    assert done.stderr.count("their time ratio depends on that order (--interleave") == 1
     record = json.loads((tmp_path / "bench.json").read_text())
     assert record["world"]["size"] == 2 and record["git"]["commit"]
     rows = {r["method"]: r for r in record["rows"]}
@@ -41,9 +44,11 @@ def test_bench_fsdp_runs_on_two_cpu_processes(tmp_path):
         assert r["trainable"] == 2 * 896 and r["params"] == 336_192 + r["trainable"]
         assert r["interleaved"] is False
     # --interleave: both models at once, steps in turn; times, no peak memory.
-    _torchrun(2, str(ROOT / "scripts" / "bench_fsdp.py"), "--model", "tiny-llama", "--device",
-              "cpu", "--steps", "2", "--warmup", "1", "--batch", "4", "--length", "16",
-              "--precision", "fp32", "--out", str(tmp_path), "--name", "turns", "--interleave")
+    done = _torchrun(2, str(ROOT / "scripts" / "bench_fsdp.py"), "--model", "tiny-llama",
+                     "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch", "4",
+                     "--length", "16", "--precision", "fp32", "--out", str(tmp_path), "--name",
+                     "turns", "--interleave")
+    assert "time ratio depends on that order" not in done.stderr
     turns = json.loads((tmp_path / "turns.json").read_text())["rows"]
     assert [r["method"] for r in turns] == ["lora", "delta-lora"]
     assert all(r["interleaved"] and r["step_ms_median"] > 0 for r in turns)
@@ -119,11 +124,12 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
 
 
-def _torchrun(n: int, *args: str) -> None:
+def _torchrun(n: int, *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            *args]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return done
 
 
 def _job(name: str, overrides: list[str]) -> str:
