@@ -249,40 +249,59 @@ class Group:
 @dataclass(frozen=True)
 class Neighbour:
     run_id: str
-    same_gpu: bool | None   # True: both records name the same GPU; None: one names none
+    how: str                # "same GPU", "GPU not recorded" or "on several GPUs"
     seconds: float          # how long the two runs overlapped
 
 
+SEVERAL = "several"         # _gpu of a run of several processes
+
+
 def _when(value: Any) -> datetime.datetime | None:
+    """A record's time as an aware datetime; None when absent, malformed or without a timezone."""
     try:
-        return datetime.datetime.strptime(str(value), "%Y-%m-%dT%H:%M:%S%z")
+        when = datetime.datetime.fromisoformat(str(value))
     except ValueError:
         return None
+    return when if when.tzinfo is not None else None
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
 
 
 def _gpu(record: Record) -> str | None:
-    """The one GPU a run used ("cuda:1"), or None when its record does not say: runs before
-    launch=gpus recorded `device: auto`, and a run of several processes uses several."""
-    world = record.get("world") or {}
-    if (world.get("size") or 1) > 1:
-        return None
-    device = world.get("device") or (record.get("config") or {}).get("device")
+    """The one GPU a run used ("cuda:1"); SEVERAL for a run of several processes; None when its
+    record does not say (runs before launch=gpus recorded `device: auto`)."""
+    world = _dict(record.get("world"))
+    size = world.get("size")
+    if isinstance(size, int) and size > 1:
+        return SEVERAL
+    device = world.get("device") or _dict(record.get("config")).get("device")
     return device if isinstance(device, str) and re.fullmatch(r"cuda:\d+", device) else None
 
 
+def _host(record: Record) -> tuple | None:
+    """What identifies a run's machine in its record: hostname, platform, CPU count and GPU model
+    (lent machines can share a hostname). None without a hostname: not comparable."""
+    machine = _dict(record.get("machine"))
+    if machine.get("device") != "cuda" or not machine.get("hostname"):
+        return None
+    return tuple(str(machine.get(k)) for k in ("hostname", "platform", "cpu_count", "device_name"))
+
+
 def gpu_neighbours(records: Sequence[Record]) -> dict[str, list[Neighbour]]:
-    """For each GPU run, the other runs among `records` that ran on the same host (hostname and
-    GPU model) at the same time, on the same GPU or on one their records do not name. Two runs on
-    one GPU each take longer than alone, so their times do not measure the method. What left no
-    record here (a test suite, another user's job) is not seen."""
+    """For each GPU run, the other runs among `records` that ran on the same machine (as far as
+    the records identify it) at the same time, on the same GPU or possibly so: one of the two
+    names no GPU or ran on several. Two runs on one GPU each take longer than alone, so their
+    times do not measure the method. What left no record here (a test suite, another user's job)
+    is not seen, nor is a run on the machine's other GPU (which shares only the host)."""
     spans = []
     for r in records:
-        machine = r.get("machine") or {}
+        host = _host(r)
         start, end = _when(r.get("started_at")), _when(r.get("finished_at"))
-        if machine.get("device") != "cuda" or start is None or end is None or "run_id" not in r:
+        if host is None or start is None or end is None or not isinstance(r.get("run_id"), str):
             continue
-        spans.append((r["run_id"], (machine.get("hostname"), machine.get("device_name")),
-                      _gpu(r), start, end))
+        spans.append((r["run_id"], host, _gpu(r), start, end))
     out: dict[str, list[Neighbour]] = {}
     for run_id, host, gpu, start, end in spans:
         found = []
@@ -290,10 +309,15 @@ def gpu_neighbours(records: Sequence[Record]) -> dict[str, list[Neighbour]]:
             overlap = (min(end, other_end) - max(start, other_start)).total_seconds()
             if other_id == run_id or other_host != host or overlap <= 0:
                 continue
-            if gpu is not None and other_gpu is not None and gpu != other_gpu:
+            if SEVERAL in (gpu, other_gpu):
+                how = "on several GPUs"
+            elif gpu is None or other_gpu is None:
+                how = "GPU not recorded"
+            elif gpu == other_gpu:
+                how = "same GPU"
+            else:
                 continue
-            same = True if gpu is not None and other_gpu is not None else None
-            found.append(Neighbour(other_id, same, overlap))
+            found.append(Neighbour(other_id, how, overlap))
         if found:
             out[run_id] = sorted(found, key=lambda n: n.run_id)
     return out
@@ -302,8 +326,7 @@ def gpu_neighbours(records: Sequence[Record]) -> dict[str, list[Neighbour]]:
 def _neighbours_text(found: Sequence[Neighbour]) -> str:
     if not found:
         return "none found"
-    return "; ".join(f"`{n.run_id}` ({'same GPU' if n.same_gpu else 'GPU not recorded'}, "
-                     f"{n.seconds:.0f} s)" for n in found)
+    return "; ".join(f"`{n.run_id}` ({n.how}, {n.seconds:.0f} s)" for n in found)
 
 
 def build_groups(loaded: tables.LoadedRecords, procedure: str) -> list[Group]:
@@ -583,10 +606,12 @@ def render_group(group: Group) -> list[str]:
 
         lines += ["### Cost per run", "",
                   "Times as the record holds them. A run that shared its GPU took longer than it "
-                  "would alone. The last column names the runs among these records that ran on the "
-                  "same host at the same time, on the same GPU or on one a record does not name "
-                  "(runs before `launch=gpus` recorded `device: auto`), and for how long; a GPU "
-                  "user that left no record here (a test suite, another job) is not seen.", ""]
+                  "would alone. The last column is inferred from the records: the runs among them "
+                  "that ran at the same time on the same machine (hostname, platform, CPU count, "
+                  "GPU model), on the same GPU or possibly so (a record that names no GPU: runs "
+                  "before `launch=gpus` recorded `device: auto`; or a run on several GPUs), and for "
+                  "how long. A GPU user that left no record here (a test suite, another job) is not "
+                  "seen, nor is a run on the machine's other GPU.", ""]
         rows = []
         for a in arms:
             for seed, r in sorted(a.runs.items()):
@@ -597,7 +622,7 @@ def render_group(group: Group) -> list[str]:
                              f"`{r['run_id']}`",
                              _neighbours_text(group.neighbours.get(r["run_id"], []))])
         lines += _table(["arm", "seed", "train s", "decode (test) s", "GPU", "commit", "run_id",
-                         "ran beside (same host, same time)"], rows)
+                         "shared its GPU (inferred)"], rows)
         lines += [""]
 
     if group.unscored:

@@ -268,11 +268,12 @@ def test_figure3_takes_the_latest_run_at_the_papers_settings_of_each_method(tmp_
 
 
 def _span(run_id: str, start: str, end: str, device: str | None, host: str = "node1",
-          kind: str = "cuda", size: int = 1) -> dict:
+          kind: str = "cuda", size: int = 1, cpus: int = 32) -> dict:
     return {"run_id": run_id, "started_at": f"2026-01-01T{start}+0000",
             "finished_at": f"2026-01-01T{end}+0000", "config": {"device": device or "auto"},
             "world": {"size": size, "device": device},
-            "machine": {"hostname": host, "device": kind, "device_name": "GPU X"}}
+            "machine": {"hostname": host, "platform": "Linux-x", "cpu_count": cpus,
+                        "device": kind, "device_name": "GPU X"}}
 
 
 def test_gpu_neighbours_from_hosts_devices_and_times():
@@ -284,19 +285,40 @@ def test_gpu_neighbours_from_hosts_devices_and_times():
         _span("e", "10:00:00", "10:30:00", "cuda:0", host="node2"),   # another host
         _span("f", "10:00:00", "10:30:00", None, kind="cpu"),         # no GPU
         _span("g", "10:10:00", "10:15:00", "cuda:0"),      # starts as a ends: no overlap with a
-        _span("h", "10:19:00", "10:25:00", "cuda:1", size=2),         # 2 processes: GPUs unknown
+        _span("h", "10:19:00", "10:25:00", "cuda:1", size=2),         # 2 processes: several GPUs
+        _span("i", "10:00:00", "10:30:00", "cuda:0", cpus=16),        # same hostname, other machine
     ]
     found = rep.gpu_neighbours(records)
-    as_tuples = {k: [(n.run_id, n.same_gpu, n.seconds) for n in v] for k, v in found.items()}
-    assert as_tuples["a"] == [("b", True, 300.0), ("d", None, 60.0)]
-    assert as_tuples["b"] == [("a", True, 300.0), ("d", None, 120.0), ("g", True, 300.0),
-                              ("h", None, 60.0)]
-    assert as_tuples["c"] == [("d", None, 120.0), ("h", None, 360.0)]
-    assert as_tuples["d"] == [("a", None, 60.0), ("b", None, 120.0), ("c", None, 120.0),
-                              ("g", None, 60.0)]
-    assert "e" not in found and "f" not in found
+    as_tuples = {k: [(n.run_id, n.how, n.seconds) for n in v] for k, v in found.items()}
+    assert as_tuples["a"] == [("b", "same GPU", 300.0), ("d", "GPU not recorded", 60.0)]
+    assert as_tuples["b"] == [("a", "same GPU", 300.0), ("d", "GPU not recorded", 120.0),
+                              ("g", "same GPU", 300.0), ("h", "on several GPUs", 60.0)]
+    assert as_tuples["c"] == [("d", "GPU not recorded", 120.0), ("h", "on several GPUs", 360.0)]
+    assert as_tuples["d"] == [("a", "GPU not recorded", 60.0), ("b", "GPU not recorded", 120.0),
+                              ("c", "GPU not recorded", 120.0), ("g", "GPU not recorded", 60.0)]
+    assert "e" not in found and "f" not in found and "i" not in found
     assert rep._neighbours_text(found["a"]) == "`b` (same GPU, 300 s); `d` (GPU not recorded, 60 s)"
     assert rep._neighbours_text([]) == "none found"
+
+
+def test_gpu_neighbours_skip_what_the_records_do_not_say():
+    odd = [
+        {**_span("j", "10:00:00", "10:10:00", "cuda:0"), "world": "broken", "machine": None},
+        {**_span("k", "10:00:00", "10:10:00", "cuda:0"), "started_at": "2026-01-01T10:00:00"},  # no zone
+        {**_span("l", "10:00:00", "10:10:00", "cuda:0"), "finished_at": None},
+        _span("m", "10:00:00", "10:10:00", "cuda:0"),
+    ]
+    odd[3]["machine"]["hostname"] = ""                                            # no hostname
+    assert rep.gpu_neighbours(odd) == {}
+    # A size that is no number is not read as several processes; the config still names the GPU.
+    sizes = [{**_span("p", "10:00:00", "10:10:00", "cuda:0"), "world": {"size": "2"}},
+             _span("q", "10:05:00", "10:20:00", "cuda:0")]
+    assert [(x.run_id, x.how) for x in rep.gpu_neighbours(sizes)["p"]] == [("q", "same GPU")]
+    # 'Z' and fractional seconds are times too.
+    pair = [{**_span("n", "10:00:00", "10:10:00", "cuda:0"), "started_at": "2026-01-01T10:00:00Z"},
+            {**_span("o", "10:00:00", "10:10:00", "cuda:0"),
+             "finished_at": "2026-01-01T10:05:00.500+00:00"}]
+    assert [(x.run_id, x.seconds) for x in rep.gpu_neighbours(pair)["n"]] == [("o", 300.5)]
 
 
 def test_cost_table_names_runs_that_shared_the_gpu(tmp_path):
@@ -310,7 +332,7 @@ def test_cost_table_names_runs_that_shared_the_gpu(tmp_path):
         record["machine"]["device_name"] = "NVIDIA H200"
         path.write_text(json.dumps(record))
     text = rep.render(tmp_path)
-    assert "| run_id | ran beside (same host, same time) |" in text
+    assert "| run_id | shared its GPU (inferred) |" in text
     assert "`20260101-000000-aaaa00` | none found |" in text
     # seeds 1 and 2 overlapped from 10:01:00 to 10:08:00 on cuda:1: 420 s.
     assert "`20260101-000000-aaaa01` | `20260101-000000-aaaa02` (same GPU, 420 s) |" in text
