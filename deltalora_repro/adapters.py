@@ -155,8 +155,8 @@ class LoRALayer(nn.Module):
         written during training. The factors' gradients must stay those of s B_t A_t alone
         (dL/dW_t does not reach them, Algorithm 1): the middle block is detached, so only the
         first carries them; the input's gradient sees the whole weight, as with an updated W.
-        Plain tensor operations, no autograd function: under eager FSDP the step is bound by
-        host work, and a Python backward per factor costs more there than the wider branch.
+        Plain tensor operations, no autograd function: no Python backward per factor (host work,
+        which an eager step such as FSDP's pays for).
 
         The scaled-LoRA control (deferred_grad_rescale False) keeps the factors' gradients of
         the branch as it is, s (1 + lambda) B_t A_t: [B_t, -(lambda / c) B_K] [A_t; A_K] at
