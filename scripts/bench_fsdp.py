@@ -21,7 +21,10 @@ command) to --out and prints a Markdown table.
 Without --interleave the methods run one after another in the same processes, and on the eager,
 host-bound sharded step the one measured second was the slower whichever it was (by up to 35% on
 2 x H200): use that mode for memory, and --interleave (every method's model alive, steps taken in
-turn, A B then B A) for the time ratio.
+turn, A B then B A) for the time ratio. Under --interleave each later method's row also carries
+`paired_ratio_vs_first`: the ratio of its step to the first method's step of the same turn (each
+step's time that of its slowest process), as median, 10th/90th percentiles and a 95% bootstrap
+interval of the median over the turns; the more --steps, the narrower the interval.
 """
 from __future__ import annotations
 
@@ -185,7 +188,31 @@ def bench_interleaved(model_name: str, methods: list[str], world, batch: int, le
         prep["before"] = None     # measured with the other models already on the device
         rows.append(_row(prep, model_name, world, batch, length, precision, steps, warmup, fsdp,
                          clock.times_ms(), None, interleaved=True))
+    # Each step's pace is its slowest process's time; the ratio of two methods' steps of the same
+    # turn cancels whatever drifts between turns (the host's state, the clocks).
+    for row, (_, clock) in zip(rows, turns):
+        per_process = world.gather(clock.times_ms())
+        row["step_ms_per_step"] = [max(ts) for ts in zip(*per_process)]
+    for row in rows[1:]:
+        row["paired_ratio_vs_first"] = paired_ratio(row["step_ms_per_step"],
+                                                    rows[0]["step_ms_per_step"])
     return rows
+
+
+def paired_ratio(times: list[float], reference: list[float], resamples: int = 2000) -> dict:
+    """The per-turn ratios times[k] / reference[k]: their median, 10th and 90th percentiles, and
+    a 95% bootstrap interval of the median (`resamples` resamples of the turns, fixed seed)."""
+    import random
+    ratios = [t / r for t, r in zip(times, reference)]
+    if len(ratios) < 2:
+        return {"turns": len(ratios), "median": ratios[0] if ratios else None}
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios)))
+                     for _ in range(resamples))
+    deciles = statistics.quantiles(ratios, n=10)
+    return {"turns": len(ratios), "median": statistics.median(ratios), "p10": deciles[0],
+            "p90": deciles[-1], "median_ci95": [medians[int(0.025 * resamples)],
+                                                medians[int(0.975 * resamples) - 1]]}
 
 
 def _profile(trainer, steps_batches: list, out: Path, method_name: str, world) -> None:
@@ -216,13 +243,18 @@ def _profile(trainer, steps_batches: list, out: Path, method_name: str, world) -
 
 def render(record: dict) -> str:
     lines = ["| model | method | fsdp | processes | batch x length | ms/step | tokens/s | "
-             "peak GiB per process |", "|---|---|---|---|---|---|---|---|"]
+             "peak GiB per process | vs the first, paired by turn: median [95% CI] |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
         peaks = ", ".join(f"{p / 2 ** 30:.2f}" for p in r["peak_memory_bytes_per_process"]
                           if p is not None) or "-"
+        paired = r.get("paired_ratio_vs_first") or {}
+        ci = paired.get("median_ci95")
+        vs = (f"{paired['median']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else
+              f"{paired['median']:.3f}" if paired.get("median") is not None else "-")
         lines.append(f"| {r['model']} | {r['method']} | {r['fsdp']} | {r['processes']} | "
                      f"{r['global_batch']} x {r['length']} | {r['step_ms_median']:.1f} | "
-                     f"{r['tokens_per_s']:.0f} | {peaks} |")
+                     f"{r['tokens_per_s']:.0f} | {peaks} | {vs} |")
     return "\n".join(lines)
 
 

@@ -52,6 +52,16 @@ def test_bench_fsdp_runs_on_two_cpu_processes(tmp_path):
     turns = json.loads((tmp_path / "turns.json").read_text())["rows"]
     assert [r["method"] for r in turns] == ["lora", "delta-lora"]
     assert all(r["interleaved"] and r["step_ms_median"] > 0 for r in turns)
+    # Delta-LoRA's steps over LoRA's of the same turn (2 turns here): the median of the two ratios.
+    lora_ms, delta_ms = turns[0]["step_ms_per_step"], turns[1]["step_ms_per_step"]
+    assert len(lora_ms) == len(delta_ms) == 2
+    paired = turns[1]["paired_ratio_vs_first"]
+    assert paired["turns"] == 2
+    assert paired["median"] == pytest.approx((delta_ms[0] / lora_ms[0] + delta_ms[1] / lora_ms[1]) / 2)
+    low, high = paired["median_ci95"]
+    assert low <= paired["median"] <= high
+    assert "paired_ratio_vs_first" not in turns[0]
+    assert "vs the first, paired by turn" in done.stdout
     assert [r["trainable"] for r in turns] == [2 * 896, 2 * 896]
     assert [r["allocated_before_shard_bytes"] for r in turns] == [None, None]
 
@@ -455,3 +465,23 @@ if __name__ == "__main__":
     from tests.ddp_runs import main
     grads_worker(Path(sys.argv[1]) / "grads", Path(sys.argv[2]))
     main(str(Path(sys.argv[1]) / "two"), sys.argv[3:])
+
+
+def test_bench_fsdp_paired_ratio_by_hand():
+    """The interleaved bench's paired ratio: per-turn ratios, their median and a bootstrap
+    interval, on numbers worked out by hand."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_fsdp", ROOT / "scripts" / "bench_fsdp.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # ratios 1.1, 0.9, 1.2, 1.0, 1.05: median 1.05
+    out = bench.paired_ratio([110.0, 90.0, 120.0, 100.0, 105.0], [100.0] * 5)
+    assert out["turns"] == 5 and out["median"] == pytest.approx(1.05)
+    # statistics.quantiles (exclusive method), n=10 over 0.9, 1.0, 1.05, 1.1, 1.2: the first cut
+    # lies at position 0.6 -> below the smallest: 0.9 - 0.4 * 0.1 = 0.86; the last at 5.4 -> 1.24.
+    assert out["p10"] == pytest.approx(0.86) and out["p90"] == pytest.approx(1.24)
+    low, high = out["median_ci95"]
+    assert 0.9 <= low <= 1.05 <= high <= 1.2
+    # Every turn the same ratio: no spread at all.
+    flat = bench.paired_ratio([103.0] * 4, [100.0] * 4)
+    assert flat["median"] == pytest.approx(1.03) and flat["median_ci95"] == pytest.approx([1.03, 1.03])
