@@ -186,13 +186,13 @@ def bench_interleaved(model_name: str, methods: list[str], world, batch: int, le
     rows = []
     for prep, clock in turns:
         prep["before"] = None     # measured with the other models already on the device
-        rows.append(_row(prep, model_name, world, batch, length, precision, steps, warmup, fsdp,
-                         clock.times_ms(), None, interleaved=True))
-    # Each step's pace is its slowest process's time; the ratio of two methods' steps of the same
-    # turn cancels whatever drifts between turns (the host's state, the clocks).
-    for row, (_, clock) in zip(rows, turns):
-        per_process = world.gather(clock.times_ms())
-        row["step_ms_per_step"] = [max(ts) for ts in zip(*per_process)]
+        times = clock.times_ms()
+        row = _row(prep, model_name, world, batch, length, precision, steps, warmup, fsdp, times,
+                   None, interleaved=True)
+        # Each step's pace is its slowest process's time; the ratio of two methods' steps of the
+        # same turn cancels whatever drifts between turns (the host's state, the clocks).
+        row["step_ms_per_step"] = [max(ts) for ts in zip(*world.gather(times))]
+        rows.append(row)
     for row in rows[1:]:
         row["paired_ratio_vs_first"] = paired_ratio(row["step_ms_per_step"],
                                                     rows[0]["step_ms_per_step"])
@@ -201,18 +201,18 @@ def bench_interleaved(model_name: str, methods: list[str], world, batch: int, le
 
 def paired_ratio(times: list[float], reference: list[float], resamples: int = 2000) -> dict:
     """The per-turn ratios times[k] / reference[k]: their median, 10th and 90th percentiles, and
-    a 95% bootstrap interval of the median (`resamples` resamples of the turns, fixed seed)."""
-    import random
+    a 95% bootstrap interval of the median (scipy.stats.bootstrap, percentile method, `resamples`
+    resamples of the turns, fixed seed)."""
+    import numpy as np
+    from scipy.stats import bootstrap
     ratios = [t / r for t, r in zip(times, reference)]
     if len(ratios) < 2:
         return {"turns": len(ratios), "median": ratios[0] if ratios else None}
-    rng = random.Random(0)
-    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios)))
-                     for _ in range(resamples))
+    ci = bootstrap((ratios,), np.median, method="percentile", n_resamples=resamples,
+                   rng=np.random.default_rng(0)).confidence_interval
     deciles = statistics.quantiles(ratios, n=10)
     return {"turns": len(ratios), "median": statistics.median(ratios), "p10": deciles[0],
-            "p90": deciles[-1], "median_ci95": [medians[int(0.025 * resamples)],
-                                                medians[int(0.975 * resamples) - 1]]}
+            "p90": deciles[-1], "median_ci95": [float(ci.low), float(ci.high)]}
 
 
 def _profile(trainer, steps_batches: list, out: Path, method_name: str, world) -> None:
